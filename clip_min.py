@@ -1,0 +1,592 @@
+"""CLIP from scratch, in one file: the tokenizer, the two towers, OpenAI's weights, the SDM loss.
+
+CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+ICML 2021, arXiv 2103.00020) embeds an image and a sentence into one space, E dimensions wide:
+
+    image feature  v = ln_post(ViT(image)[CLS]) @ proj                     [E]
+    text feature   t = ln_final(Transformer(tokens)[EOT]) @ text_projection [E]
+
+and trains both towers so that cos(v_i, t_j) is high exactly when image i and caption j belong
+together. Both towers are stacks of the same pre-norm transformer block
+
+    x = x + attn(ln_1(x))
+    x = x + mlp(ln_2(x)),      mlp(x) = c_proj(QuickGELU(c_fc(x))),  QuickGELU(x) = x * sigmoid(1.702 x)
+
+The image tower is a Vision Transformer (Dosovitskiy et al., arXiv 2010.11929): a strided conv cuts
+the image into patches, a learned class token is prepended and a learned position embedding added.
+The text tower reads byte-pair-encoded tokens with causal attention; its feature is the output at
+the end-of-text token.
+
+This file reproduces OpenAI's model tensor for tensor, with OpenAI's state-dict names, so the
+released checkpoints load strictly. What differs is mechanics only: batch-first tensors (no
+[L, B, D] permutes), F.scaled_dot_product_attention (flash kernels, causal masking via
+`is_causal`), fp32 weights with autocast instead of fp16 weights, and person-shaped inputs
+(384x128 with a resized position grid, as text-based person retrieval needs).
+
+It also holds the loss every method in this project trains with, SDM (Jiang & Ye, "Cross-Modal
+Implicit Relation Reasoning and Aligning for Text-to-Image Person Retrieval" (IRRA), CVPR 2023,
+arXiv 2303.12501), next to the model it trains.
+
+Reading order: tokenizer -> model pieces -> CLIP -> SDM loss -> building from a state dict ->
+loading OpenAI's files.
+"""
+
+import functools
+import gzip
+import hashlib
+import html
+import math
+import os
+import sys
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+import ftfy
+import regex
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE exactly as OpenAI's simple_tokenizer.py
+# ------------------------------------------------------------------------------------------------
+# Text is cleaned, split into words by a regex, each word's UTF-8 bytes are mapped to printable
+# characters, and the BPE merges (in rank order) glue characters into vocabulary symbols. A
+# symbol that ends a word carries the suffix "</w>". Ids: 256 byte symbols, the same 256 with
+# "</w>", one id per merge, then <|startoftext|> and <|endoftext|>.
+
+VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+NUM_MERGES = 48894  # lines 1..48894 of the vocabulary file (line 0 is a header)
+SOT_TOKEN = 49406  # <|startoftext|>
+EOT_TOKEN = 49407  # <|endoftext|>: the largest id, so argmax(ids) finds it
+CONTEXT_LENGTH = 77
+
+WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """A reversible map from the 256 byte values to printable characters.
+
+    Printable Latin-1 bytes stand for themselves; the others (whitespace, control) are moved to
+    code points 256 and up, so that no BPE symbol is ever whitespace. The insertion order of the
+    dict is the order of the first 256 vocabulary ids.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + len(mapping) - len(printable))
+    return mapping
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's cleaning: repair mojibake, unescape HTML twice, collapse whitespace, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer; `encode` gives OpenAI's ids for any text, `decode` inverts it."""
+
+    def __init__(self, vocab_path: str = VOCAB_PATH):
+        self.byte_to_char = bytes_to_unicode()
+        self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
+        with gzip.open(vocab_path, "rt", encoding="utf-8") as file:
+            lines = file.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
+        symbols = list(self.byte_to_char.values())
+        self.vocab = (symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+                      + ["<|startoftext|>", "<|endoftext|>"])
+        self.encoder = {symbol: i for i, symbol in enumerate(self.vocab)}
+        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        # The special tokens written literally in a text become their ids, as in OpenAI's code.
+        self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
+        if self.encoder["<|endoftext|>"] != EOT_TOKEN:
+            raise ValueError(f"{vocab_path} is not CLIP's BPE vocabulary (expected {EOT_TOKEN + 1} ids)")
+
+    def bpe(self, word: str) -> list[str]:
+        """Merge the characters of one word, lowest-ranked pair first, until no pair is a merge."""
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):  # merge every occurrence, left to right, without overlap
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for word in WORD_PATTERN.findall(clean_text(text)):
+            chars = "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[symbol] for symbol in self.bpe(chars))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        chars = "".join(self.vocab[i] for i in ids)
+        text = bytearray(self.char_to_byte[c] for c in chars).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False) -> torch.Tensor:
+    """Texts -> LongTensor [N, context_length]: [SOT, ids..., EOT, 0, 0, ...].
+
+    A text longer than the context raises ValueError, unless `truncate`, which keeps the first
+    `context_length` tokens and puts EOT last (what person-retrieval training does).
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tokenizer = default_tokenizer()
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)  # [N, L]
+    for row, text in enumerate(texts):
+        ids = [SOT_TOKEN, *tokenizer.encode(text), EOT_TOKEN]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(
+                    f"text {row} has {len(ids)} tokens, more than the context length {context_length}; "
+                    f"shorten it or pass truncate=True: {text[:80]!r}")
+            ids = ids[:context_length]
+            ids[-1] = EOT_TOKEN
+        result[row, : len(ids)] = torch.tensor(ids)
+    return result
+
+
+def decode(ids: torch.Tensor | list[int]) -> str | list[str]:
+    """Token ids (as `tokenize` makes them) -> text, without SOT, EOT and padding. 2-D -> a list."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 2:
+        return [decode(row) for row in ids]
+    ids = ids.tolist()
+    if EOT_TOKEN in ids:
+        ids = ids[: ids.index(EOT_TOKEN)]
+    return default_tokenizer().decode([i for i in ids if i != SOT_TOKEN])
+
+
+# ------------------------------------------------------------------------------------------------
+# Model pieces. cskt.py and dm_adapter.py run their own loops over these, so they are public:
+#   VisionTransformer.embed / .ln_pre / .transformer.resblocks / .pool
+#   CLIP.embed_text / .transformer.resblocks / .pool_text
+#   ResidualAttentionBlock.ln_1 / .attn / .ln_2 / .mlp
+# ------------------------------------------------------------------------------------------------
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x). CLIP was trained with this approximation; nn.GELU changes every feature."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, batch first, with nn.MultiheadAttention's parameter names
+    (in_proj_weight, in_proj_bias, out_proj), which are the names in OpenAI's checkpoints."""
+
+    def __init__(self, width: int, heads: int, causal: bool = False):
+        super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"width {width} must be a positive multiple of the number of heads {heads}")
+        self.heads = heads
+        self.causal = causal  # text: a token sees only itself and earlier tokens
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # [3D, D]: q, k, v stacked
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads)  # [B, L, 3, H, D/H]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D/H]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, L, D/H]
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, causal: bool = False):
+        super().__init__()
+        # Defined in OpenAI's order, so that state dicts list their keys in the same order.
+        self.attn = Attention(width, heads, causal)
+        self.ln_1 = nn.LayerNorm(width)  # eps 1e-5, as OpenAI's
+        self.mlp = nn.Sequential()  # a Sequential only so the names read mlp.c_fc / mlp.c_proj
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, causal) for _ in range(layers))
+        # OpenAI's initialisation, used only when training from scratch (loaded weights replace it).
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+def patch_grid(image_size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
+    """Rows and columns of patches a conv with this kernel and stride cuts from an H x W image."""
+    height, width = image_size
+    if height < patch_size or width < patch_size:
+        raise ValueError(f"image size {height}x{width} is smaller than the patch size {patch_size}")
+    return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size: tuple[int, int], patch_size: int, stride: int,
+                 width: int, layers: int, output_dim: int):
+        super().__init__()
+        self.grid = patch_grid(image_size, patch_size, stride)  # (rows, columns) of patches
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=stride, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads=width // 64)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, 1 + N, W]: class token and patches, position embedding added (no ln_pre)."""
+        patches = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W], row-major over the grid
+        class_token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)  # [B, 1, W]
+        return torch.cat([class_token, patches], dim=1) + self.positional_embedding  # [B, 1 + N, W]
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L, W] -> [B, E]: the class token, normalised and projected."""
+        return self.ln_post(tokens[:, 0]) @ self.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
+        return self.pool(self.transformer(self.ln_pre(self.embed(images))))
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512  # E, the joint image-text space
+    image_size: tuple[int, int] = (224, 224)  # (H, W) of the input images
+    patch_size: int = 16
+    stride: int = 16  # the patch conv's stride: = patch_size in OpenAI's models
+    vision_width: int = 768  # heads = width // 64 in both towers, as OpenAI's
+    vision_layers: int = 12
+    context_length: int = CONTEXT_LENGTH
+    vocab_size: int = EOT_TOKEN + 1
+    text_width: int = 512
+    text_layers: int = 12
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss: similarity distribution matching (SDM, IRRA)
+# ------------------------------------------------------------------------------------------------
+
+def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor,
+             logit_scale: float = 50.0, epsilon: float = 1e-8) -> torch.Tensor:
+    """Similarity distribution matching over a batch of B image-caption pairs.
+
+        q_ij = y_ij / sum_k y_ik,    y_ij = [pid_i == pid_j]
+        p^{i2t}_i = softmax_j(s * cos(v_i, t_j)),   p^{t2i}_i = softmax_j(s * cos(t_i, v_j))
+        L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / 0.02
+
+    The target spreads evenly over every pair of the same identity (a batch often holds several
+    captions of one person). With one caption per identity q is the identity matrix: CLIP's own
+    contrastive setting, with the same one-hot target as its InfoNCE loss (which is the
+    cross-entropy, i.e. KL(q || p); SDM measures KL(p || q) with log(q + epsilon)).
+    Computed in fp32 whatever the autocast context.
+    """
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features = F.normalize(image_features.float(), dim=-1)  # [B, E]
+        text_features = F.normalize(text_features.float(), dim=-1)  # [B, E]
+        same_identity = (pids[:, None] == pids[None, :]).float()  # [B, B]
+        log_target = torch.log(same_identity / same_identity.sum(dim=1, keepdim=True) + epsilon)  # [B, B]
+        image_to_text = logit_scale * image_features @ text_features.T  # [B, B]
+
+        def kl_to_target(logits: torch.Tensor) -> torch.Tensor:
+            log_p = F.log_softmax(logits, dim=1)
+            return (log_p.exp() * (log_p - log_target)).sum(dim=1).mean()
+
+        return kl_to_target(image_to_text) + kl_to_target(image_to_text.T)
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.image_size, config.patch_size, config.stride,
+                                        config.vision_width, config.vision_layers, config.embed_dim)
+        self.transformer = Transformer(config.text_width, config.text_layers, config.text_width // 64, causal=True)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
+        self.ln_final = nn.LayerNorm(config.text_width)
+        self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
+        # CLIP's learned temperature. The person-retrieval methods fix it (SDM's s = 50) and never
+        # read it; it is kept so that OpenAI's checkpoints load strictly.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=config.text_width ** -0.5)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
+        return self.visual(images)
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, w]: token embedding plus position embedding."""
+        return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+
+    def pool_text(self, tokens: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """[B, L, w] -> [B, E]: the token at each caption's EOT, normalised and projected.
+        (ln_final is per token, so normalising only the EOT token equals OpenAI's order.)"""
+        eot_tokens = tokens[torch.arange(len(tokens), device=tokens.device), eot_index]  # [B, w]
+        return self.ln_final(eot_tokens) @ self.text_projection
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, E]
+        return self.pool_text(self.transformer(self.embed_text(ids)), ids.argmax(dim=-1))
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor) -> dict:
+        """Fine-tuning all of CLIP with SDM (IRRA's "CLIP fine-tuned" baseline, and how the demo
+        trains its tiny CLIP from scratch)."""
+        loss = sdm_loss(self.encode_image(images), self.encode_text(ids), pids)
+        return {"loss": loss, "sdm": loss}
+
+
+# ------------------------------------------------------------------------------------------------
+# Building a model from a state dict: every hyper-parameter is read off the tensors' shapes
+# ------------------------------------------------------------------------------------------------
+
+class CLIPError(Exception):
+    """The one error this module raises for weights it cannot load: the message says what to do."""
+
+
+_RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # non-tensor entries in OpenAI's files
+
+
+def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, int],
+                                new_grid: tuple[int, int]) -> torch.Tensor:
+    """[1 + h*w, W] -> [1 + H*W', W]: the patch part resized bilinearly as an image (as IRRA does:
+    align_corners=False, no antialias), the class row kept."""
+    if tuple(old_grid) == tuple(new_grid):
+        return positional
+    class_row, grid = positional[:1], positional[1:]  # [1, W], [h*w, W]
+    grid = grid.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)  # [1, W, h, w]
+    grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=False)  # [1, W, H, W']
+    return torch.cat([class_row, grid.permute(0, 2, 3, 1).flatten(0, 2)])  # [1 + H*W', W]
+
+
+def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None = None,
+                           stride: int | None = None) -> tuple[CLIPConfig, tuple[int, int]]:
+    """(config, the grid the checkpoint's position embedding was stored at).
+
+    A square grid of n*n positions is resized to whatever `image_size` and `stride` need. A
+    non-square grid (a checkpoint saved from a person-shaped model) is used as it is, so it needs
+    the `image_size` and `stride` it was saved with.
+    """
+    if "visual.proj" not in state_dict:
+        if any(key.startswith("visual.layer1.") for key in state_dict):
+            raise CLIPError("this is a ResNet CLIP checkpoint (RN50, RN101, ...), which is not supported: "
+                            "use a ViT model such as ViT-B/16")
+        raise CLIPError("not a CLIP ViT state dict: the key 'visual.proj' is missing "
+                        f"(first keys: {', '.join(list(state_dict)[:5]) or 'none'})")
+    patch_size = state_dict["visual.conv1.weight"].shape[-1]
+    stride = stride or patch_size
+    positions = state_dict["visual.positional_embedding"].shape[0] - 1
+    side = math.isqrt(positions)
+    if side * side == positions:
+        stored_grid = (side, side)
+        image_size = tuple(image_size or (side * patch_size, side * patch_size))
+    elif image_size is not None and math.prod(patch_grid(tuple(image_size), patch_size, stride)) == positions:
+        stored_grid = patch_grid(tuple(image_size), patch_size, stride)
+    else:
+        raise CLIPError(f"the position embedding holds {positions} patches, not a square grid, and "
+                        f"image_size={image_size}, stride={stride} does not give {positions} patches: "
+                        "pass the image size and stride this checkpoint was trained with")
+    config = CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_size=image_size,
+        patch_size=patch_size,
+        stride=stride,
+        vision_width=state_dict["visual.conv1.weight"].shape[0],
+        vision_layers=sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict),
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        text_width=state_dict["ln_final.weight"].shape[0],
+        text_layers=len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}),
+    )
+    return config, stored_grid
+
+
+def build_model(state_dict: dict, image_size: tuple[int, int] | None = None,
+                stride: int | None = None) -> CLIP:
+    """A CLIP with the given weights (fp32) at `image_size` (H, W; default: the checkpoint's own
+    square size) and patch `stride` (default: the patch size)."""
+    state_dict = {k: v for k, v in state_dict.items() if k not in _RELEASE_EXTRAS}
+    try:
+        config, stored_grid = config_from_state_dict(state_dict, image_size, stride)
+    except KeyError as missing:
+        raise CLIPError(f"not a CLIP ViT state dict: the key {missing} is missing") from None
+    except ValueError as error:  # an image smaller than a patch, or heads that do not divide the width
+        raise CLIPError(str(error)) from None
+    # Master weights in fp32 whatever the file holds (OpenAI's are fp16): autocast does the rest.
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    positional = state_dict["visual.positional_embedding"]
+    if positional.ndim == 2:  # a wrong shape is reported by the shape check below
+        new_grid = patch_grid(config.image_size, config.patch_size, config.stride)
+        state_dict["visual.positional_embedding"] = resize_positional_embedding(positional, stored_grid, new_grid)
+
+    with torch.device("meta"):  # no memory and no random init for weights that are replaced at once
+        try:
+            model = CLIP(config)
+        except ValueError as error:
+            raise CLIPError(f"these weights do not make a CLIP model: {error}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise CLIPError(f"the state dict does not match CLIP's layout: missing keys {missing or 'none'}; "
+                        f"unexpected keys {unexpected or 'none'}")
+    wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+             for k, v in state_dict.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise CLIPError("tensors with the wrong shape: " + "; ".join(wrong))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenAI's released weights: download, verify, load safely
+# ------------------------------------------------------------------------------------------------
+
+RELEASES = {  # name -> (SHA-256 of the file, file name); the URL holds the hash
+    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
+    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
+    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+}
+RELEASE_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clip")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
+    """The path of a released checkpoint in `cache_dir`, downloaded first if needed; its SHA-256
+    is checked after the download and on every later use."""
+    sha256, file_name = RELEASES[name]
+    target = os.path.join(cache_dir, file_name)
+    if os.path.isfile(target):
+        actual = file_sha256(target)
+        if actual != sha256:
+            raise CLIPError(f"{target} is corrupt: SHA-256 {actual}, expected {sha256}; "
+                            "delete the file and run again to download it anew")
+        return target
+    url = RELEASE_URL.format(sha256=sha256, file=file_name)
+    os.makedirs(cache_dir, exist_ok=True)
+    partial = target + ".part"  # renamed only once complete and verified
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while block := response.read(1 << 20):
+                out.write(block)
+                done += len(block)
+                percent = f" {100 * done / total:3.0f}%" if total else ""
+                print(f"\rdownloading {file_name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB{percent}",
+                      end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except (urllib.error.URLError, OSError) as error:
+        raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, download "
+                        f"that file elsewhere and put it at {target} (SHA-256 {sha256})") from None
+    actual = file_sha256(partial)
+    if actual != sha256:
+        os.remove(partial)
+        raise CLIPError(f"the download of {url} is corrupt: SHA-256 {actual}, expected {sha256}; run again")
+    os.replace(partial, target)
+    return target
+
+
+def is_torchscript(path: str) -> bool:
+    """TorchScript archives are zip files that carry code (`code/`, `constants.pkl`); plain
+    torch.save files are zips (or legacy pickles) without it."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def read_state_dict(path: str, trust_jit: bool = False) -> dict:
+    """The tensors of a checkpoint file. Loading a TorchScript archive runs code from the file, so
+    it happens only for a file whose hash is a known release, or when the caller trusts it;
+    everything else goes through torch.load(weights_only=True), which runs no code."""
+    if not os.path.isfile(path):
+        raise CLIPError(f"no such file: {path}")
+    if is_torchscript(path):
+        sha256 = file_sha256(path)
+        if not trust_jit and sha256 not in {h for h, _ in RELEASES.values()}:
+            raise CLIPError(f"{path} is a TorchScript archive whose SHA-256 ({sha256}) is not an OpenAI "
+                            "release; loading it runs code from the file. If you trust it, pass "
+                            "trust_jit=True; otherwise save its state dict with torch.save")
+        with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's files are TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(path, map_location="cpu").state_dict())
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors have many types; all mean the same to a user
+        raise CLIPError(f"could not read {path} as a state dict saved with torch.save: {error}") from None
+    if not isinstance(state_dict, dict):
+        raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict
+
+
+def load(name_or_path: str = "ViT-B/16", image_size: tuple[int, int] = (384, 128), stride: int = 16,
+         device: str | torch.device = "cpu", trust_jit: bool = False,
+         cache_dir: str = DEFAULT_CACHE) -> CLIP:
+    """A CLIP model from a release name (downloaded to `cache_dir`) or a file: an OpenAI
+    TorchScript archive or a plain state dict. Weights end up fp32 on `device`."""
+    if name_or_path in RELEASES:
+        path = download(name_or_path, cache_dir)
+    elif os.path.exists(name_or_path):
+        path = name_or_path
+    elif os.path.splitext(name_or_path)[1]:  # looks like a file name (release names have no extension)
+        raise CLIPError(f"no such file: {name_or_path}")
+    else:
+        raise CLIPError(f"unknown model name {name_or_path!r} (and no file of that name): the released "
+                        f"models are {', '.join(RELEASES)}; or pass the path of a checkpoint file")
+    return build_model(read_state_dict(path, trust_jit), image_size, stride).to(device)
