@@ -1,0 +1,265 @@
+"""Tests for evaluate.py: the retrieval metrics against an independent brute-force reference and
+hand-computed cases, feature extraction, and the retrieval picture."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def brute_force_metrics(similarity, query_pids, gallery_pids):
+    """The definitions of SPEC 2.4 followed literally: sort each row, walk down the ranks."""
+    found_within = {1: [], 5: [], 10: []}
+    average_precisions, inverse_negative_penalties = [], []
+    for query in range(similarity.shape[0]):
+        ranked_gallery = torch.argsort(similarity[query], descending=True).tolist()
+        matches = [gallery_pids[g].item() == query_pids[query].item() for g in ranked_gallery]
+        if not any(matches):
+            continue
+        for k in found_within:
+            found_within[k].append(any(matches[:k]))
+        matches_so_far, precisions = 0, []
+        for rank, is_match in enumerate(matches):
+            if is_match:
+                matches_so_far += 1
+                precisions.append(matches_so_far / (rank + 1))
+                last_match_rank = rank
+        average_precisions.append(sum(precisions) / len(precisions))
+        inverse_negative_penalties.append(matches_so_far / (last_match_rank + 1))
+
+    def percent(values):
+        return 100 * sum(values) / len(values)
+
+    return {"R1": percent(found_within[1]), "R5": percent(found_within[5]),
+            "R10": percent(found_within[10]), "mAP": percent(average_precisions),
+            "mINP": percent(inverse_negative_penalties), "num_queries": len(average_precisions),
+            "num_skipped": similarity.shape[0] - len(average_precisions)}
+
+
+def assert_metrics_equal(actual, expected):
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=1e-9), key
+
+
+def random_problem(num_queries, num_gallery, num_identities, seed):
+    """Distinct scores in every row (a permutation of integers, exact in fp32): no ties."""
+    generator = torch.Generator().manual_seed(seed)
+    similarity = torch.randperm(num_queries * num_gallery, generator=generator).float()
+    query_pids = torch.randint(num_identities, (num_queries,), generator=generator)
+    gallery_pids = torch.randint(num_identities, (num_gallery,), generator=generator)
+    return similarity.view(num_queries, num_gallery), query_pids, gallery_pids
+
+
+@pytest.mark.parametrize("num_queries, num_gallery, num_identities, chunk_size", [
+    (7, 5, 3, 2),
+    (50, 40, 10, 16),
+    (200, 300, 30, 64),
+    (64, 120, 100, 7),      # many queries have no relevant gallery item
+    (31, 500, 4, 1),        # ~125 relevant items per query, one query per chunk
+])
+def test_metrics_match_brute_force(num_queries, num_gallery, num_identities, chunk_size):
+    problem = random_problem(num_queries, num_gallery, num_identities, seed=num_queries)
+    expected = brute_force_metrics(*problem)
+    assert_metrics_equal(evaluate.retrieval_metrics(*problem, chunk_size=chunk_size), expected)
+    assert_metrics_equal(evaluate.retrieval_metrics(*problem, chunk_size=num_queries), expected)
+
+
+def test_image_to_text_is_the_transpose():
+    similarity, caption_pids, image_pids = random_problem(60, 25, 8, seed=1)
+    expected = brute_force_metrics(similarity.T.contiguous(), image_pids, caption_pids)
+    # A transposed view has strided rows: the metric must read them correctly.
+    assert_metrics_equal(evaluate.retrieval_metrics(similarity.T, image_pids, caption_pids, chunk_size=4),
+                         expected)
+
+
+def test_half_precision_scores_give_the_same_metrics():
+    similarity, query_pids, gallery_pids = random_problem(20, 30, 5, seed=2)
+    similarity = similarity / similarity.max()
+    bf16 = similarity.bfloat16()
+    assert_metrics_equal(evaluate.retrieval_metrics(bf16, query_pids, gallery_pids),
+                         evaluate.retrieval_metrics(bf16.float(), query_pids, gallery_pids))
+
+
+# Gallery of 12 items ranked by index (item 0 scores highest) for every query.
+HAND_GALLERY_PIDS = torch.tensor([2, 9, 9, 9, 9, 9, 1, 9, 9, 9, 9, 1])
+HAND_SIMILARITY_ROW = torch.linspace(1.0, 0.0, 12)
+
+
+def test_one_query_by_hand():
+    # Identity 1 is at ranks 6 and 11 (0-based):
+    # R1 = R5 = 0 (first match at rank 6), R10 = 100,
+    # AP = (1/7 + 2/12) / 2 (precision at rank 6 is 1 match of 7, at rank 11 2 of 12),
+    # INP = 2 / 12 (2 matches, the last one at rank 11).
+    metrics = evaluate.retrieval_metrics(HAND_SIMILARITY_ROW[None], torch.tensor([1]), HAND_GALLERY_PIDS)
+    assert_metrics_equal(metrics, {"R1": 0.0, "R5": 0.0, "R10": 100.0,
+                                   "mAP": 100 * (1 / 7 + 2 / 12) / 2, "mINP": 100 * 2 / 12,
+                                   "num_queries": 1, "num_skipped": 0})
+
+
+def test_relevant_at_ranks_zero_and_two_by_hand():
+    # Relevant at ranks 0 and 2: AP = (1/1 + 2/3) / 2 = 5/6, INP = 2/3.
+    similarity = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    metrics = evaluate.retrieval_metrics(similarity, torch.tensor([1]), torch.tensor([1, 2, 1, 3]))
+    assert_metrics_equal(metrics, {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100 * 5 / 6,
+                                   "mINP": 100 * 2 / 3, "num_queries": 1, "num_skipped": 0})
+
+
+def test_queries_without_relevant_items_are_excluded_and_counted():
+    # Query identities 1 and 2 as in the hand cases above; identities 5 and 7 have no gallery
+    # item. Identity 2 is at rank 0 only: AP = INP = 1. The means run over the two measured
+    # queries: R1 = R5 = (0 + 1)/2, R10 = 1, mAP = ((1/7 + 2/12)/2 + 1)/2, mINP = (2/12 + 1)/2.
+    similarity = HAND_SIMILARITY_ROW.repeat(4, 1)
+    metrics = evaluate.retrieval_metrics(similarity, torch.tensor([5, 1, 7, 2]), HAND_GALLERY_PIDS,
+                                         chunk_size=3)
+    assert_metrics_equal(metrics, {"R1": 50.0, "R5": 50.0, "R10": 100.0,
+                                   "mAP": 100 * ((1 / 7 + 2 / 12) / 2 + 1) / 2,
+                                   "mINP": 100 * (2 / 12 + 1) / 2, "num_queries": 2, "num_skipped": 2})
+
+
+def test_no_measurable_query_gives_nan_not_a_crash():
+    metrics = evaluate.retrieval_metrics(torch.rand(3, 4), torch.tensor([7, 8, 9]), torch.tensor([1, 1, 2, 2]))
+    assert metrics["num_queries"] == 0 and metrics["num_skipped"] == 3
+    assert all(math.isnan(metrics[key]) for key in ("R1", "R5", "R10", "mAP", "mINP"))
+
+
+def test_a_relevant_item_tied_with_irrelevant_ones_ranks_after_them():
+    # Items 0 and 2 (relevant) tie with item 1 (irrelevant): the irrelevant one goes first, so
+    # the relevant items take ranks 1 and 2: R1 = 0, AP = (1/2 + 2/3) / 2, INP = 2/3.
+    expected = {"R1": 0.0, "R5": 100.0, "R10": 100.0, "mAP": 100 * (1 / 2 + 2 / 3) / 2,
+                "mINP": 100 * 2 / 3, "num_queries": 1, "num_skipped": 0}
+    similarity = torch.tensor([[0.5, 0.5, 0.5, 0.1]])
+    gallery_pids = torch.tensor([1, 2, 1, 3])
+    assert_metrics_equal(evaluate.retrieval_metrics(similarity, torch.tensor([1]), gallery_pids), expected)
+    # The rule does not depend on the gallery order.
+    for order in ([1, 0, 2, 3], [2, 1, 0, 3], [3, 1, 2, 0]):
+        assert_metrics_equal(evaluate.retrieval_metrics(similarity[:, order], torch.tensor([1]),
+                                                        gallery_pids[order]), expected)
+
+
+def test_relevant_items_tied_with_each_other_take_consecutive_ranks():
+    # Ranks 0 and 1: AP = (1/1 + 2/2) / 2 = 1, INP = 2/2 = 1.
+    metrics = evaluate.retrieval_metrics(torch.tensor([[0.9, 0.9, 0.1]]), torch.tensor([1]),
+                                         torch.tensor([1, 1, 2]))
+    assert metrics["R1"] == 100.0 and metrics["mAP"] == 100.0 and metrics["mINP"] == 100.0
+
+
+def test_constant_scores_rank_every_relevant_item_last():
+    # A collapsed model: all 10 scores equal, 3 relevant items at ranks 7, 8, 9.
+    # AP = (1/8 + 2/9 + 3/10) / 3, INP = 3/10, R1 = R5 = 0, R10 = 100.
+    metrics = evaluate.retrieval_metrics(torch.zeros(1, 10), torch.tensor([1]),
+                                         torch.tensor([0, 1, 0, 0, 1, 0, 0, 1, 0, 0]))
+    assert_metrics_equal(metrics, {"R1": 0.0, "R5": 0.0, "R10": 100.0,
+                                   "mAP": 100 * (1 / 8 + 2 / 9 + 3 / 10) / 3, "mINP": 100 * 3 / 10,
+                                   "num_queries": 1, "num_skipped": 0})
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="does not match"):
+        evaluate.retrieval_metrics(torch.rand(3, 4), torch.tensor([1, 2]), torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate.retrieval_metrics(torch.tensor([[0.1, float("nan")]]), torch.tensor([1]), torch.tensor([1, 2]))
+
+
+# -----------------------------------------------------------------------------
+# Features
+
+
+class TinyModel(nn.Module):
+    """Linear image encoder with dropout (so eval mode matters), bag-of-embeddings text encoder."""
+
+    def __init__(self, embed_dim=6):
+        super().__init__()
+        self.image_projection = nn.Linear(3 * 8 * 4, embed_dim)
+        self.dropout = nn.Dropout(0.5)
+        self.token_embedding = nn.Embedding(100, embed_dim)
+
+    def encode_image(self, images):
+        return self.image_projection(self.dropout(images.flatten(1)))
+
+    def encode_text(self, ids):
+        return self.token_embedding(ids).mean(1)
+
+
+def test_extract_features_gives_normalised_features_of_the_model(capsys):
+    torch.manual_seed(0)
+    model = TinyModel()
+    images = torch.randn(10, 3, 8, 4)
+    captions = torch.randint(100, (7, 77))
+    # DataLoaders over plain tensors yield plain tensor batches, the loader contract.
+    image_loader = torch.utils.data.DataLoader(images, batch_size=3)
+    caption_loader = torch.utils.data.DataLoader(captions, batch_size=4)
+    image_features, caption_features = evaluate.extract_features(model, image_loader, caption_loader, "cpu")
+
+    assert model.training, "the model's mode must be restored"
+    assert capsys.readouterr().err == "", "small runs stay quiet"
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(image_features, F.normalize(model.encode_image(images), dim=-1), atol=1e-6)
+        assert torch.allclose(caption_features, F.normalize(model.encode_text(captions), dim=-1), atol=1e-6)
+    assert image_features.dtype == caption_features.dtype == torch.float32
+    assert torch.allclose(image_features.norm(dim=-1), torch.ones(10))
+
+    similarity = evaluate.similarity_from_features(caption_features, image_features)
+    assert similarity.shape == (7, 10)
+    assert torch.allclose(similarity[2, 5], caption_features[2] @ image_features[5])
+
+
+def test_extract_features_reports_progress_when_asked(capsys):
+    loader = torch.utils.data.DataLoader(torch.randn(8, 3, 8, 4), batch_size=2)
+    captions = torch.utils.data.DataLoader(torch.randint(100, (2, 77)), batch_size=2)
+    evaluate.extract_features(TinyModel(), loader, captions, "cpu", log_every=2)
+    assert capsys.readouterr().err.count("batches of images") == 2
+
+
+# -----------------------------------------------------------------------------
+# Pictures
+
+
+def column_colours(picture, x):
+    return {picture.getpixel((x, y)) for y in range(picture.height)}
+
+
+def test_retrieval_grid_is_a_png_with_green_and_red_frames(tmp_path):
+    gray_person = Image.new("RGB", (128, 384), (128, 128, 128))
+    gray_person.save(tmp_path / "person.png")
+    images = [tmp_path / "person.png", gray_person, torch.full((3, 384, 128), 0.5), gray_person, gray_person]
+    correct = [True, False, True, False, False]
+    path = tmp_path / "grid.png"
+    evaluate.save_retrieval_grid(path, "a man in a blue jacket", images, [0.9, 0.8, 0.7, 0.6, 0.5], correct)
+
+    picture = Image.open(path)
+    assert picture.format == "PNG"
+    cell_height, cell_width = 192, 64
+    pitch = cell_width + 2 * evaluate.GRID_PADDING
+    assert picture.width == 5 * pitch
+    assert picture.height > cell_height + 2 * evaluate.GRID_PADDING
+    picture = picture.convert("RGB")
+    for index, is_correct in enumerate(correct):
+        image_left = index * pitch + evaluate.GRID_PADDING
+        frame = column_colours(picture, image_left - 1)      # the frame lies just left of the image
+        expected, other = ((evaluate.CORRECT_COLOUR, evaluate.WRONG_COLOUR) if is_correct
+                           else (evaluate.WRONG_COLOUR, evaluate.CORRECT_COLOUR))
+        assert expected in frame and other not in frame
+        # Inside the frame: the gray person (the tensor one converts to 127, the others stay 128).
+        assert column_colours(picture, image_left + cell_width // 2) & {(127, 127, 127), (128, 128, 128)}
+
+
+def test_retrieval_grid_without_identities_has_no_frames_and_wraps_long_text(tmp_path):
+    gray_person = Image.new("RGB", (128, 384), (128, 128, 128))
+    short, long = tmp_path / "short.png", tmp_path / "long.png"
+    evaluate.save_retrieval_grid(short, "a woman", [gray_person] * 3, [0.5, 0.4, 0.3])
+    evaluate.save_retrieval_grid(long, "a woman with long black hair " * 8, [gray_person] * 3, [0.5, 0.4, 0.3])
+    with Image.open(short) as short_picture, Image.open(long) as long_picture:
+        colours = {colour for _, colour in short_picture.convert("RGB").getcolors(1 << 16)}
+        assert evaluate.CORRECT_COLOUR not in colours and evaluate.WRONG_COLOUR not in colours
+        assert short_picture.width == long_picture.width == evaluate.GRID_MIN_WIDTH
+        assert long_picture.height > short_picture.height
