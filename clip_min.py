@@ -314,17 +314,20 @@ class CLIPConfig:
 # ------------------------------------------------------------------------------------------------
 
 def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor,
-             logit_scale: float = 50.0, epsilon: float = 1e-8) -> torch.Tensor:
+             temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
     """Similarity distribution matching over a batch of B image-caption pairs.
 
         q_ij = y_ij / sum_k y_ik,    y_ij = [pid_i == pid_j]
         p^{i2t}_i = softmax_j(s * cos(v_i, t_j)),   p^{t2i}_i = softmax_j(s * cos(t_i, v_j))
-        L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / 0.02
+        L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / temperature
 
     The target spreads evenly over every pair of the same identity (a batch often holds several
     captions of one person). With one caption per identity q is the identity matrix: CLIP's own
     contrastive setting, with the same one-hot target as its InfoNCE loss (which is the
     cross-entropy, i.e. KL(q || p); SDM measures KL(p || q) with log(q + epsilon)).
+    IRRA and both methods fix the temperature at 0.02. From random weights that is too sharp:
+    the gradient that lifts the right pair is proportional to its probability, tiny while the
+    features are random, so training from scratch starts at CLIP's own 0.07 instead.
     Computed in fp32 whatever the autocast context.
     """
     with torch.autocast(image_features.device.type, enabled=False):
@@ -332,7 +335,7 @@ def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: to
         text_features = F.normalize(text_features.float(), dim=-1)  # [B, E]
         same_identity = (pids[:, None] == pids[None, :]).float()  # [B, B]
         log_target = torch.log(same_identity / same_identity.sum(dim=1, keepdim=True) + epsilon)  # [B, B]
-        image_to_text = logit_scale * image_features @ text_features.T  # [B, B]
+        image_to_text = image_features @ text_features.T / temperature  # [B, B]
 
         def kl_to_target(logits: torch.Tensor) -> torch.Tensor:
             log_p = F.log_softmax(logits, dim=1)
@@ -375,10 +378,11 @@ class CLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, E]
         return self.pool_text(self.transformer(self.embed_text(ids)), ids.argmax(dim=-1))
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,
+                temperature: float = 0.02) -> dict:
         """Fine-tuning all of CLIP with SDM (IRRA's "CLIP fine-tuned" baseline, and how the demo
         trains its tiny CLIP from scratch)."""
-        loss = sdm_loss(self.encode_image(images), self.encode_text(ids), pids)
+        loss = sdm_loss(self.encode_image(images), self.encode_text(ids), pids, temperature)
         return {"loss": loss, "sdm": loss}
 
 

@@ -157,6 +157,7 @@ class CSKT(nn.Module):
             x = adapted_block(block, adapter, x)  # causal: words see the prompts, not vice versa
         return self.clip.pool_text(x, eot_index)
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor) -> dict:
-        loss = clip_min.sdm_loss(self.encode_image(images), self.encode_text(ids), pids)
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,
+                temperature: float = 0.02) -> dict:
+        loss = clip_min.sdm_loss(self.encode_image(images), self.encode_text(ids), pids, temperature)
         return {"loss": loss, "sdm": loss}

@@ -163,9 +163,10 @@ class DMAdapter(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, E]
         return self.text_features_and_balance(ids)[0]
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,
+                temperature: float = 0.02) -> dict:
         image_features, image_balance = self.image_features_and_balance(images)
         text_features, text_balance = self.text_features_and_balance(ids)
-        sdm = clip_min.sdm_loss(image_features, text_features, pids)
+        sdm = clip_min.sdm_loss(image_features, text_features, pids, temperature)
         aux = image_balance + text_balance  # summed over all blocks of both towers
         return {"loss": sdm + self.aux_weight * aux, "sdm": sdm, "aux": aux}
