@@ -133,6 +133,7 @@ class CSKT(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
         visual, num_prompts = self.clip.visual, 2 * self.n_ctx
+        # Patches at clip_min's configured stride (the authors' CSKT conv strode by the patch size).
         x = visual.embed(images)  # [B, 1 + N, W]: class token and patches, with positions
         for layer, (block, adapter) in enumerate(zip(visual.transformer.resblocks, self.vision_adapters)):
             if layer < self.depth:

@@ -80,7 +80,7 @@ class MixtureOfAdapters(nn.Module):
         # Load balancing: P_e, the mean router probability, is differentiable; f_e, the fraction
         # of tokens that chose e, is a count. l = sum_e P_e * f_e (= E * mean_e P_e f_e).
         mean_probability = logits.softmax(dim=-1).mean(dim=0)  # [E]
-        chosen_fraction = F.one_hot(chosen, len(self.experts)).sum(dim=1).float().mean(dim=0)  # [E]
+        chosen_fraction = torch.zeros_like(logits).scatter(1, chosen, 1.0).mean(dim=0)  # [E]
         return gates, (mean_probability * chosen_fraction).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, L, d]

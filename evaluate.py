@@ -363,12 +363,18 @@ def load_checkpoint(path, device="cpu"):
     else:
         backbone = clip_min.load(clip["name"], image_size, stride)  # checks the release's hash
     model = build_method(checkpoint["method"], backbone, checkpoint["method_args"])
-    missing, unexpected = model.load_state_dict(checkpoint["trainable"], strict=False)
+    load_trained(model, checkpoint["trainable"], path)
+    return model.to(device).eval(), checkpoint
+
+
+def load_trained(model, trained, source):
+    """Puts a checkpoint's trained weights into `model`, whose frozen backbone ("clip.") is already
+    in place; every other weight must be there, and nothing else."""
+    missing, unexpected = model.load_state_dict(trained, strict=False)
     not_restored = [key for key in missing if not key.startswith("clip.")]
     if unexpected or not_restored:
-        raise CheckpointError(f"{path} does not fit a {checkpoint['method']} model: unexpected "
+        raise CheckpointError(f"{source} does not fit this model: unexpected weights "
                               f"{unexpected or 'none'}, missing {not_restored or 'none'}")
-    return model.to(device).eval(), checkpoint
 
 
 # -----------------------------------------------------------------------------

@@ -275,7 +275,9 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
                                          mask_captions=args.mask_captions)
     loader = data.train_loader(train_set, args.batch_size // runtime.world_size, args.workers,
                                seed=args.seed, distributed=runtime.world_size > 1)
-    selection_split = dataset.val  # None for ICFG-PEDES and demo-pretrain: the last epoch is kept
+    # The best epoch is chosen on val (the authors chose it on test); without a val split
+    # (ICFG-PEDES, demo-pretrain) the last epoch is kept.
+    selection_split = dataset.val
     log(f"{args.data}: {len(train_set):,} training pairs of {dataset.train.num_identities:,} identities; "
         f"{len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
         f"{len(dataset.test.image_paths):,} images")
@@ -299,11 +301,16 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
                        "clip": backbone_description(args, clip_model), "data": args.data, "args": vars(args)}
     first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
     if args.resume:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling errors come in many types
+            raise TrainingError(f"--resume: cannot read {args.resume} ({error})") from None
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise TrainingError(f"--resume: {args.resume} holds no optimizer state; resume from a last.pt")
         if (state["method"], state["data"]) != (args.method, args.data):
             raise TrainingError(f"{args.resume} is a {state['method']} run on {state['data']}, "
                                 f"not {args.method} on {args.data}")
-        model.load_state_dict(state["trainable"], strict=False)
+        evaluate.load_trained(model, state["trainable"], args.resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -311,7 +318,7 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
         first_epoch, best = state["epoch"] + 1, state["best"]
         log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
 
-    def save(name: str, epoch: int, full: bool):
+    def save(name: str, epoch: int, full: bool):  # (the authors' code saved no checkpoints)
         checkpoint = {**checkpoint_base, "trainable": trained_state(model), "epoch": epoch, "best": best}
         if full:  # what --resume needs on top of the weights
             checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -335,6 +342,8 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
             images = batch["images"].to(device, non_blocking=True)
             ids = batch["ids"].to(device, non_blocking=True)
             pids = batch["pids"].to(device, non_blocking=True)
+            # fp32 master weights under autocast (the authors cast the weights to fp16 and ran Adam
+            # on them, with neither a master copy nor loss scaling).
             with runtime.autocast():
                 losses = step_model(images, ids, pids, temperature=args.temperature)
             optimizer.zero_grad(set_to_none=True)
@@ -392,7 +401,7 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
     results = {}
     if runtime.is_main:
         best_state = torch.load(os.path.join(args.out, "best.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(best_state["trainable"], strict=False)
+        evaluate.load_trained(model, best_state["trainable"], "best.pt")
         results = evaluate.evaluate_split(model, dataset.test, args.image_size, device, workers=args.workers)
         log(f"test (epoch {best_state['epoch'] + 1}): " + evaluate.format_metrics(results))
         record({"epoch": best_state["epoch"] + 1, "split": "test", **results})

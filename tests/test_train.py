@@ -3,6 +3,7 @@ checkpoints, exact resume, DDP on CPU, a NaN stop, evaluate.py on the result, an
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,6 +91,17 @@ def test_run_folder_and_evaluate_py_on_the_checkpoint(setup, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "pics")) == ["example_00.png", "example_01.png", "query.png"]
 
 
+def test_evaluate_py_zero_shot_clip(setup, capsys):
+    root, clip_path = setup
+    common = ["--method", "clip", "--clip", clip_path, "--image-size", "32", "16", "--stride", "8",
+              "--root", str(root), "--workers", "0"]
+    assert evaluate.main([*common, "--data", "CUHK-PEDES", "--split", "val"]) == 0
+    printed = capsys.readouterr().out
+    assert "CUHK-PEDES val, 6 images:" in printed and f"| {clip_path} zero-shot |" in printed
+    assert evaluate.main(common) == 1
+    assert capsys.readouterr().err == "error: --method clip needs --data\n"
+
+
 def test_finetune_checkpoint_holds_the_whole_clip(setup, tmp_path):
     out = tmp_path / "finetune"
     assert train.main(arguments(setup, out, "--method", "finetune", "--epochs", "1", "--warmup-epochs", "0")) == 0
@@ -130,3 +142,16 @@ def test_bad_inputs_exit_non_zero_with_one_clear_line(setup, tmp_path, extra, me
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_clear_line(setup, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(setup[0] / "CUHK-PEDES", root / "CUHK-PEDES")
+    broken = root / "CUHK-PEDES" / "imgs" / "train" / "003_1.png"
+    broken.write_bytes(b"not a picture")
+    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run"),
+               "--root", str(root), "--workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: {broken}: unreadable image"), result.stderr
