@@ -435,13 +435,14 @@ def demo_clip_path(args: argparse.Namespace, runtime: Runtime, log) -> str:
     corpus, under a name that hashes its recipe: a cached CLIP is never stale.
     """
     recipe = hashlib.sha256(repr((DEMO_CLIP, DEMO_PRETRAIN_RECIPE, args.seed)).encode()).hexdigest()[:12]
+    log("demo 1/3: a CLIP to adapt")
     data.make_demo("demo-pretrain", args.root)
     path = os.path.join(args.root, "demo-pretrain", f"clip-{recipe}.pt")
     if os.path.isfile(path):
-        log(f"demo: using the tiny CLIP cached at {path}")
+        log(f"  using the tiny CLIP cached at {path}")
         return path
-    log("demo: no pretrained CLIP can be downloaded offline, so a tiny one is trained from random "
-        "weights on the demo-pretrain corpus first (this stands in for OpenAI's pretraining)")
+    log("  No pretrained CLIP can be downloaded offline, so a tiny one is trained from random weights "
+        "on the synthetic demo-pretrain corpus (standing in for OpenAI's pretraining), all of it trained:")
     pretrain_args = parse_args(["--method", "finetune", "--data", "demo-pretrain", "--root", args.root,
                                 "--out", os.path.join(args.out, "demo-pretrain"), "--image-size",
                                 *map(str, DEMO_CLIP.image_size), "--stride", str(DEMO_CLIP.stride),
@@ -452,7 +453,7 @@ def demo_clip_path(args: argparse.Namespace, runtime: Runtime, log) -> str:
     clip_model = clip_min.CLIP(DEMO_CLIP)
     train(pretrain_args, runtime, clip_model, log)
     save_atomically(clip_model.state_dict(), path)
-    log(f"demo: saved the tiny CLIP to {path} (an ordinary OpenAI-layout state dict)")
+    log(f"  saved the tiny CLIP to {path}, an ordinary OpenAI-layout state dict, loaded back by clip_min.load")
     return path
 
 
@@ -480,15 +481,17 @@ def main(argv: list[str] | None = None) -> int:
         clip_model = clip_min.load(args.clip, args.image_size, args.stride, runtime.device)
         if args.data == "demo" and runtime.is_main:
             test_split = data.load_dataset("demo", args.root).test
-            log("demo: the frozen CLIP's zero-shot result on the demo test split (the baseline):")
+            log("demo 2/3: the frozen CLIP's zero-shot result on the demo test split, the baseline to beat "
+                "(the demo set shows colours, a pattern and wording the pretraining never did)")
             demo_baseline = evaluate.evaluate_split(clip_model, test_split, args.image_size, runtime.device)
             log("  " + evaluate.format_metrics(demo_baseline))
+            log(f"demo 3/3: training {args.method} on the demo set, CLIP frozen")
 
         seed_everything(args.seed + runtime.rank)
         results = train(args, runtime, clip_model, log)
         if demo_baseline is not None and results:
-            rows = {"chance": evaluate.chance_metrics(test_split), "frozen CLIP, zero-shot": demo_baseline,
-                    args.method: results}
+            rows = {"chance (random scores)": evaluate.chance_metrics(test_split),
+                    "frozen CLIP, zero-shot": demo_baseline, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
     except (data.DataError, clip_min.CLIPError, TrainingError, evaluate.CheckpointError) as error:
         # A DataError raised in a loader worker arrives with the worker's traceback in its message:
