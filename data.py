@@ -343,7 +343,7 @@ def eval_loaders(split: EvalSplit, transform, batch_size: int = 512, workers: in
 # place of OpenAI's pretraining); "demo" is the retrieval set the methods adapt that CLIP to. An
 # identity is a fixed combination of attributes, each with few values shared by many identities,
 # so only the combination identifies; its images differ in pose, scale, background and lighting.
-# The demo domain has colours, garments, wording, clutter and camera noise that the pretraining
+# The demo domain has colours and a pattern, wording, clutter and camera noise that the pretraining
 # corpus never shows: a frozen backbone has something to adapt to. All the knobs are here.
 
 DEMO_IMAGE_SIZE = (128, 64)  # (H, W) of the stored pictures
