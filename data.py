@@ -330,7 +330,7 @@ def eval_loaders(split: EvalSplit, transform, batch_size: int = 512, workers: in
                  context_length: int = 77) -> tuple[DataLoader, DataLoader]:
     """(gallery images [B, 3, H, W], query ids [B, L]), both in split order. Captions are never masked."""
     images = DataLoader(ImageList(split.image_paths, transform), batch_size, num_workers=workers,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     ids = clip_min.tokenize(split.captions, context_length, truncate=True)  # [Nq, L]
     return images, DataLoader(ids, batch_size)  # a tensor is a dataset of its rows
 

@@ -281,8 +281,14 @@ def save_retrieval_grid(path, query, images, scores, correct=None, cell_size=(19
 
 def evaluate_split(model, split, image_size, device, batch_size=256, workers=0):
     """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
-    image_loader, caption_loader = data.eval_loaders(split, data.build_transform(image_size), batch_size, workers)
-    image_features, caption_features = extract_features(model, image_loader, caption_loader, device)
+    loaders = data.eval_loaders(split, data.build_transform(image_size), batch_size, workers)
+    return evaluate_loaders(model, loaders, split, device)
+
+
+def evaluate_loaders(model, loaders, split, device):
+    """The same with the split's (image, caption) loaders already built: train.py builds its val
+    loaders once (the captions tokenized once, the image workers kept) and evaluates every few epochs."""
+    image_features, caption_features = extract_features(model, *loaders, device)
     similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
     return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
 

@@ -279,6 +279,8 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
     # The best epoch is chosen on val (the authors chose it on test); without a val split
     # (ICFG-PEDES, demo-pretrain) the last epoch is kept.
     selection_split = dataset.val
+    selection_loaders = selection_split and data.eval_loaders(
+        selection_split, data.build_transform(args.image_size), batch_size=256, workers=args.workers)
     log(f"{args.data}: {len(train_set):,} training pairs of {dataset.train.num_identities:,} identities; "
         f"{len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
         f"{len(dataset.test.image_paths):,} images")
@@ -383,8 +385,7 @@ def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP,
                 best = {"epoch": epoch, "R1": float("nan")}  # no val split: the last epoch is kept
                 save("best.pt", epoch, full=False)
             elif (epoch + 1) % args.eval_every == 0 or is_last:
-                metrics = evaluate.evaluate_split(model, selection_split, args.image_size, device,
-                                                  workers=args.workers)
+                metrics = evaluate.evaluate_loaders(model, selection_loaders, selection_split, device)
                 log(f"epoch {epoch + 1} val: " + evaluate.format_metrics(metrics))
                 record({"epoch": epoch + 1, "split": "val", **metrics})
                 if metrics["R1"] > best["R1"]:
