@@ -7,10 +7,12 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import clip_min
 import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,9 +116,26 @@ BAD_INPUTS = {  # case: (the annotation text, or a spoiler of the clean entries;
     "missing field": (changed(2, captions=None), r"reid_raw\.json: entry 2: missing 'captions'"),
     "wrong type": (changed(0, id="7"), r"reid_raw\.json: entry 0: 'id' should be int, got str"),
     "empty captions": (changed(1, captions=[]), r"reid_raw\.json: entry 1: 'captions' is an empty list"),
-    "blank caption": (changed(1, captions=["ok.", " "]), r"reid_raw\.json: entry 1: caption 1 is not"),
+    "caption not a string": (changed(1, captions=["ok.", 5]),
+                             r"reid_raw\.json: entry 1: caption 1 should be str, got int"),
+    "blank caption": (changed(1, captions=["ok.", " "]),
+                      r"reid_raw\.json: entry 1: caption 1 has no words once cleaned: ' '"),
+    "caption of control characters": (changed(4, captions=["\x00\x07\x1b[0m\x7f", "fine."]),
+                                      r"reid_raw\.json: entry 4: caption 0 has no words once cleaned"),
+    "caption of markup": (changed(6, captions=["ok.", "&nbsp;\u3000\ufeff"]),
+                          r"reid_raw\.json: entry 6: caption 1 has no words once cleaned"),
+    "id beyond 64 bits": (changed(0, id=2**64),
+                          r"reid_raw\.json: entry 0: 'id' 18446744073709551616 does not fit in 64 bits"),
+    "duplicate entry": (lambda entries: entries + [entries[5]],
+                        r"reid_raw\.json: entry 7: duplicate of entry 5 \(same image 'test_query/030\.png', "
+                        r"same id 30\)$"),
+    "one image, two ids": (  # spelt differently, the same file
+        lambda entries: entries + [{**entries[6], "id": 32, "file_path": "test_query/./031.png"}],
+        r"reid_raw\.json: entry 7: image 'test_query/\./031\.png' is also in entry 6, under id 31 "
+        r"\(here 32\)$"),
     "missing image": (changed(3, file_path="CUHK03/gone.png"),
-                      r"reid_raw\.json: entry 3: image not found: .*CUHK03/gone\.png"),
+                      r"reid_raw\.json: entry 3: image not found: '.*CUHK03/gone\.png'"),
+    "missing test image": (changed(6, file_path="test_query/gone.png"), r"entry 6: image not found"),
     "no test entries": (lambda entries: entries[:5], r"reid_raw\.json: no valid 'test' entries"),
 }
 
@@ -141,15 +160,128 @@ def test_missing_folder_or_file_says_where_to_get_the_dataset(cuhk):
         data.load_dataset("Market-1501", str(cuhk))
 
 
-def test_unreadable_image_raises_when_loaded(cuhk):
-    broken = cuhk / "CUHK-PEDES/imgs/CUHK01/003.png"
-    broken.write_bytes(b"not a png at all")
-    dataset = data.load_dataset("CUHK-PEDES", str(cuhk))  # a stat cannot tell
+def test_image_paths_stay_inside_imgs(cuhk):
+    outside = cuhk / "CUHK-PEDES/elsewhere.png"  # an image that exists, but outside imgs/
+    Image.new("RGB", (12, 24)).save(outside)
+    for escape in (str(outside), "../elsewhere.png", "CUHK01/../../elsewhere.png"):
+        entries = changed(2, file_path=escape)(cuhk_entries())
+        (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
+        imgs = re.escape(str(cuhk / "CUHK-PEDES/imgs"))
+        pattern = rf"entry 2: image path {re.escape(repr(escape))} is not inside {imgs}/$"
+        with pytest.raises(data.DataError, match=pattern):
+            data.load_dataset("CUHK-PEDES", str(cuhk))
+
+    # A roundabout spelling of a path inside is fine, and imgs/ may be a link to where images are kept.
+    entries = changed(2, file_path="CUHK01/../CUHK01/./003.png")(cuhk_entries())
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
+    os.rename(cuhk / "CUHK-PEDES/imgs", cuhk / "storage")
+    os.symlink(cuhk / "storage", cuhk / "CUHK-PEDES/imgs")
+    train = data.load_dataset("CUHK-PEDES", str(cuhk)).train
+    assert train.image_paths[2] == str(cuhk / "CUHK-PEDES/imgs/CUHK01/003.png")
+
+
+def test_unreadable_image_stops_loading_and_a_truncated_one_fails_when_decoded(cuhk):
+    broken = cuhk / "CUHK-PEDES/imgs/test_query/031.png"  # a test image: found before any training
+    broken.write_bytes(b"<html>not a png at all</html>")
+    with pytest.raises(data.DataError, match=rf"entry 6: unreadable image '{re.escape(str(broken))}': "
+                                             "not an image file Pillow can read$"):
+        data.load_dataset("CUHK-PEDES", str(cuhk))
+    broken.write_bytes(b"")
+    with pytest.raises(data.DataError, match="entry 6: unreadable image"):
+        data.load_dataset("CUHK-PEDES", str(cuhk))
+    write_dataset(cuhk, "CUHK-PEDES", cuhk_entries())
+
+    # Cut short after its header: reading the header cannot tell, decoding does.
+    truncated = cuhk / "CUHK-PEDES/imgs/CUHK01/003.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    dataset = data.load_dataset("CUHK-PEDES", str(cuhk))
     transform = data.build_transform((32, 16))
-    with pytest.raises(data.DataError, match=re.escape(str(broken)) + ": unreadable image"):
+    with pytest.raises(data.DataError, match=re.escape(str(truncated)) + ": unreadable image: .*truncated"):
         data.CaptionImageDataset(dataset.train, transform)[4]
-    with pytest.raises(data.DataError, match=re.escape(str(broken))):
+    with pytest.raises(data.DataError, match=re.escape(str(truncated))):
         data.ImageList(dataset.train.image_paths, transform)[2]
+
+
+# Each mode Pillow reads: (an image [1, W] of it, the 8-bit RGB pixels it must become).
+PALETTE = [255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759  # red, green, blue
+
+
+def pixels(mode, values, **info):
+    image = Image.new(mode, (len(values), 1))
+    if mode.startswith("P"):
+        image.putpalette(PALETTE)
+    for x, value in enumerate(values):
+        image.putpixel((x, 0), value)
+    image.info.update(info)
+    return image
+
+
+MODES = {
+    "I": (Image.fromarray(np.array([[0, 257, 32896, 65535, 70000, -5]], dtype=np.int32)),
+          [(v, v, v) for v in (0, 1, 128, 255, 255, 0)]),  # 16-bit grey, as older Pillow reads a PNG
+    "F": (Image.fromarray(np.array([[0.0, 127.6, 300.0, -5.0]], dtype=np.float32)),
+          [(v, v, v) for v in (0, 128, 255, 0)]),
+    "P": (pixels("P", [0, 2]), [(255, 0, 0), (0, 0, 255)]),
+    "P, an index transparent": (pixels("P", [0, 1], transparency=1), [(255, 0, 0), (0, 0, 0)]),
+    "P, alpha per index": (pixels("P", [0, 1, 2], transparency=bytes([255, 0, 128])),
+                           [(255, 0, 0), (0, 0, 0), (0, 0, 128)]),
+    "PA": (pixels("PA", [(1, 255), (2, 0)]), [(0, 255, 0), (0, 0, 0)]),
+    "CMYK": (pixels("CMYK", [(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)]),
+             [(255, 255, 255), (0, 255, 255), (0, 0, 0)]),
+    "LA": (pixels("LA", [(200, 255), (200, 0), (200, 128)]), [(200, 200, 200), (0, 0, 0), (100, 100, 100)]),
+    "L": (pixels("L", [0, 77, 255]), [(0, 0, 0), (77, 77, 77), (255, 255, 255)]),
+    "1": (pixels("1", [0, 1]), [(0, 0, 0), (255, 255, 255)]),
+    "RGBA": (pixels("RGBA", [(200, 100, 50, 255), (200, 100, 50, 0), (200, 100, 50, 128)]),
+             [(200, 100, 50), (0, 0, 0), (100, 50, 25)]),
+    "RGB, a colour transparent": (pixels("RGB", [(9, 9, 9), (1, 2, 3)], transparency=(9, 9, 9)),
+                                  [(0, 0, 0), (1, 2, 3)]),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_becomes_8_bit_rgb(mode):
+    image, expected = MODES[mode]
+    rgb = data.to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    got = np.asarray(rgb, dtype=int)[0]  # [W, 3]
+    assert np.abs(got - np.array(expected)).max() <= 1, got.tolist()  # compositing may round either way
+
+
+def test_16_bit_png_keeps_its_grey_levels(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16)).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode in ("I;16", "I")  # really a 16-bit file
+    image = data.load_image(str(path))
+    assert image.mode == "RGB"
+    assert np.asarray(image).tolist() == [[[v, v, v] for v in (0, 1, 128, 255)]]  # not all near white
+
+
+def test_captions_are_tokenized_once_and_cuts_counted(cuhk, monkeypatch):
+    entries = cuhk_entries()
+    entries[0]["captions"][1] = "a " * 75  # 75 tokens: SOT and EOT make 77, nothing cut
+    entries[1]["captions"][0] = "a " * 76  # one too many: cut
+    entries[5]["captions"][1] = "a red coat and " * 30
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
+    tokenizer, encoded = clip_min.default_tokenizer(), []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text: encoded.append(text) or encode(text))
+
+    dataset = data.load_dataset("CUHK-PEDES", str(cuhk))
+    train_set = data.CaptionImageDataset(dataset.train, data.build_transform((32, 16)))
+    _, queries = data.eval_loaders(dataset.test, data.build_transform((32, 16)), batch_size=3)
+    query_ids = torch.cat(list(queries))  # [4, 77]
+    assert len(encoded) == 13  # every caption of every split, once
+    monkeypatch.undo()
+
+    assert (dataset.train.num_truncated, dataset.val.num_truncated, dataset.test.num_truncated) == (1, 0, 1)
+    for split in (dataset.train, dataset.val, dataset.test):
+        assert split.ids.shape == (len(split.captions), 77) and split.ids.dtype == torch.long
+        assert torch.equal(split.ids, clip_min.tokenize(split.captions, truncate=True))
+    assert dataset.train.ids[1, 76] == EOT and dataset.train.ids[2, 76] == EOT  # full, and cut: EOT last
+    assert train_set[1]["ids"].tolist() == dataset.train.ids[1].tolist()
+    assert torch.equal(query_ids, dataset.test.ids)
 
 
 def run_check(root):
@@ -157,20 +289,30 @@ def run_check(root):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_check_reports_every_problem(cuhk):
-    clean = run_check(cuhk)
-    assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert re.search(r"train\s+3\s+4\s+7", clean.stdout) and "0 problem(s)" in clean.stdout
+def test_check_reports_every_problem(cuhk, capsys):
+    assert data.check("CUHK-PEDES", str(cuhk)) == 0  # in this process: one start of Python is enough
+    clean = capsys.readouterr().out
+    assert re.search(r"train\s+3\s+4\s+7\s+0\n", clean) and "0 problem(s)" in clean
 
-    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(changed(1, captions=[])(cuhk_entries())))
+    entries = changed(1, captions=[])(cuhk_entries())
+    entries[2]["captions"][1] = "\x00\x07"
+    entries[6]["captions"][1] = "a man in white " * 20  # 80 tokens: cut, no problem
+    entries += [entries[0], {**entries[6], "file_path": "../reid_raw.json", "id": 40}]  # entries 7, 8
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
     os.remove(cuhk / "CUHK-PEDES/imgs/CUHK03/012.png")
     (cuhk / "CUHK-PEDES/imgs/test_query/030.png").write_bytes(b"garbage")
+    market = cuhk / "CUHK-PEDES/imgs/Market/020.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(market)
+    market.write_bytes(market.read_bytes()[:200])  # the header intact: only decoding finds it
     report = run_check(cuhk)
     assert report.returncode == 1
-    assert "entry 1: 'captions' is an empty list" in report.stdout
-    assert "entry 3: image not found" in report.stdout
-    assert "030.png: unreadable image" in report.stdout
-    assert "3 problem(s)" in report.stdout
+    expected = ["entry 1: 'captions' is an empty list", "entry 2: caption 1 has no words once cleaned",
+                "entry 3: image not found", "entry 5: unreadable image", "entry 7: duplicate of entry 0",
+                "entry 8: image path '../reid_raw.json' is not inside", "020.png: unreadable image"]
+    lines = [line for line in report.stdout.splitlines() if "entry" in line or ": unreadable" in line]
+    assert len(lines) == len(expected) and all(e in line for e, line in zip(expected, lines)), report.stdout
+    assert "7 problem(s)" in report.stdout
+    assert re.search(r"test\s+1\s+1\s+2\s+1\n", report.stdout)  # entry 6 alone; its long caption cut
 
 
 # ------------------------------------------------------------------------------------------------
