@@ -309,7 +309,7 @@ def load_dataset(name: str, root: str) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------------------
-# Image transforms (SPEC 2.2) and caption masking (SPEC 4.5)
+# Image transforms and caption masking (the recipe both methods train with)
 # ------------------------------------------------------------------------------------------------
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's pixel statistics, RGB in 0..1
@@ -330,7 +330,7 @@ def build_transform(image_size: tuple[int, int] = (384, 128), train: bool = Fals
                       *to_input, erase])
 
 
-MASK_TOKEN = 49405  # <|mask|>: IRRA takes over the last BPE merge's id (SPEC 1.5)
+MASK_TOKEN = 49405  # <|mask|>: IRRA takes over the last BPE merge's id for it
 MASK_PROB = 0.15    # chance that an eligible token is chosen
 
 

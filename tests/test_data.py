@@ -353,7 +353,7 @@ def test_samples_and_loaders(cuhk):
 
 
 # ------------------------------------------------------------------------------------------------
-# Caption masking (SPEC 4.5)
+# Caption masking
 
 def random_captions(n, low, high, generator):
     """Token ids [n, 77]: SOT, between low and high - 1 ordinary tokens, EOT, zero padding."""
