@@ -203,6 +203,17 @@ def test_unreadable_image_stops_loading_and_a_truncated_one_fails_when_decoded(c
         data.ImageList(dataset.train.image_paths, transform)[2]
 
 
+def test_image_problems_keep_the_order_across_chunks_and_threads(tmp_path):
+    image, text = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("L", (4, 4)).save(image)
+    text.write_text("no image")
+    paths = [str(image), str(tmp_path / "gone.png"), str(text)] * 300  # several chunks of 256
+    problems = data.image_problems(paths)
+    assert problems[:3] == [None, f"image not found: {paths[1]!r}",
+                            f"unreadable image {paths[2]!r}: not an image file Pillow can read"]
+    assert problems == problems[:3] * 300
+
+
 # Each mode Pillow reads: (an image [1, W] of it, the 8-bit RGB pixels it must become).
 PALETTE = [255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759  # red, green, blue
 
