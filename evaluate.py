@@ -1,6 +1,6 @@
-"""Retrieval metrics and evaluation for text-based person retrieval (TPR).
+"""Retrieval metrics and evaluation for text-based person retrieval (TPR), and train.py's checkpoints.
 
-The metrics are those of IRRA (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Alignment
+The metrics are those of IRRA (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning
 for Text-to-Image Person Retrieval", CVPR 2023, arXiv 2303.12501), reproduced exactly: every
 published TPR number, CSKT's and DM-Adapter's included, is measured with them. Each query ranks
 the whole gallery by descending similarity. If query q has n relevant gallery items (same
@@ -11,32 +11,35 @@ identity) at 0-based ranks r_1 < r_2 < ... < r_n, then
     INP  = n / (r_n + 1)                            (precision at the last relevant item)
     mAP  = mean over q of AP,   mINP = mean over q of INP,   all reported in percent.
 
-Same numbers, better mechanics. IRRA's code argsorts the whole [Q, G] matrix, gathers identities
-into more [Q, G] copies, loops over queries in Python and crashes on a query with no relevant
-image: 31 s and 9.6 GB beyond the matrix on an ICFG-PEDES-sized problem (19,848 x 14,993). Here
-queries go in chunks; each row is sorted by value only, the rank of every relevant item is a
+Queries go in chunks; each row is sorted by value only, the rank of every relevant item is a
 binary search of its score in the sorted row, and AP and INP follow from those ranks in closed
-form, with no loop over queries: 2.5 s and 150 MB on 2 CPU cores for the same problem
-(`python tests/benchmark.py metrics`). Queries without a relevant item are excluded and
-counted; ties follow a stated rule (see `retrieval_metrics`).
+form, with no loop over queries and no [Q, G] index matrices. Queries without a relevant item are
+excluded and counted; ties follow a stated rule (see `retrieval_metrics`).
 
-The file also extracts features from any model with `encode_image` / `encode_text`, rebuilds the
-models that train.py saves, draws pictures of what was retrieved, and is a command line:
+The file also extracts features from any model with `encode_image` / `encode_text`, holds the
+device and precision policy both scripts share, saves and rebuilds the checkpoints train.py
+writes, draws pictures of what was retrieved, and is a command line:
 
     python evaluate.py --checkpoint runs/cuhk-cskt/best.pt                 # the test split's table
+    python evaluate.py --checkpoint cuhk/best.pt --data ICFG-PEDES         # across datasets
     python evaluate.py --method clip --clip ViT-B/16 --data CUHK-PEDES      # frozen CLIP, zero-shot
     python evaluate.py --checkpoint best.pt --query "a man in a blue jacket" --topk 10
     python evaluate.py --checkpoint best.pt --save-examples 8              # green: right identity
 """
 
 import argparse
+import contextlib
+import math
 import os
 import sys
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 
 import clip_min
@@ -44,11 +47,12 @@ import cskt
 import data
 import dm_adapter
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Metrics
+# ------------------------------------------------------------------------------------------------
 
 
-def _group_gallery_by_identity(gallery_pids):
+def _group_gallery_by_identity(gallery_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each identity in the gallery, the indices of its gallery items, padded to one width.
 
     Returns (identities [U] sorted, members [U, M] gallery indices, counts [U]); slot m of row u
@@ -62,7 +66,7 @@ def _group_gallery_by_identity(gallery_pids):
     return identities, order[positions], counts
 
 
-def _sort_rows(scores):
+def _sort_rows(scores: torch.Tensor) -> torch.Tensor:
     """Each row of scores [C, G] sorted ascending, values only."""
     if scores.device.type == "cpu":
         # numpy's sort is vectorised (x86-simd-sort, AVX-512 / AVX2): 0.08 s against 1.1 s for
@@ -73,7 +77,8 @@ def _sort_rows(scores):
     return scores.sort(dim=1).values
 
 
-def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=1024):
+def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
+                      chunk_size: int = 1024) -> dict:
     """R1, R5, R10, mAP and mINP in percent, exactly as defined in the module docstring.
 
     similarity [Q, G]: one row per query, higher = more similar; query_pids [Q]; gallery_pids [G].
@@ -153,11 +158,64 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=1024):
             "num_queries": num_queries, "num_skipped": len(query_pids) - num_queries}
 
 
-# -----------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------
+# Device and precision: one policy for training and evaluation
+# ------------------------------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device -> a torch device. "auto": this process's GPU, else Apple's, else the CPU. A GPU
+    named without an index ("cuda") is this process's (torchrun's LOCAL_RANK). A device that is
+    not there raises ValueError with a message for the user."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: this machine has no CUDA GPU that torch can use")
+        device = device if device.index is not None else torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{device}: there are only {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: Apple's GPU (MPS) is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}: only cpu, cuda and mps devices are supported")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """--precision -> the autocast dtype (None: fp32 throughout). "auto" is bf16 on GPUs that have
+    it (no overflow, no loss scaling), else fp16; fp32 on the CPU, where autocast rarely pays."""
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else None
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    return next(name for name, dtype in PRECISIONS.items() if dtype == amp_dtype)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision around a forward pass; a no-op for fp32. Weights stay fp32 either way."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+# ------------------------------------------------------------------------------------------------
 # Features
+# ------------------------------------------------------------------------------------------------
 
-
-def _encode_batches(encode, loader, device, name, log_every):
+def _encode_batches(encode: Callable, loader: Iterable, device: torch.device, name: str,
+                    log_every: int) -> torch.Tensor:
     """Encode every batch of `loader` (plain tensors) and return the L2-normalised fp32 features."""
     features = []
     for batch_index, batch in enumerate(loader):
@@ -168,36 +226,202 @@ def _encode_batches(encode, loader, device, name, log_every):
     return torch.cat(features)
 
 
-def extract_features(model, image_loader, caption_loader, device, log_every=50):
+def extract_features(model: nn.Module, image_loader: Iterable, caption_loader: Iterable,
+                     device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                     log_every: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """Image features [G, E] and caption features [Q, E], L2-normalised, fp32, on `device`.
 
     `model` (already on `device`) needs `encode_image(images [B, 3, H, W]) -> [B, E]` and
     `encode_text(ids [B, 77]) -> [B, E]`. `image_loader` yields image tensors [B, 3, H, W],
-    `caption_loader` token-id tensors [B, 77], both in gallery / query order. A progress line
-    goes to stderr every `log_every` batches (0: never). The model's train/eval mode is restored.
+    `caption_loader` token-id tensors [B, 77], both in gallery / query order. `amp_dtype` is the
+    autocast dtype (see `autocast_dtype`; None: fp32); the features are normalised in fp32 either
+    way, so the metric sees full-precision dot products. A progress line goes to stderr every
+    `log_every` batches (0: never). The model's train/eval mode is restored.
     """
     device = torch.device(device)
-    # Mixed precision on CUDA only: bf16 where the GPU has it (no overflow), else fp16. The
-    # features are normalised in fp32 either way, so the metric sees full-precision dot products.
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     was_training = model.training
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+    with torch.no_grad(), autocast(device, amp_dtype):
         image_features = _encode_batches(model.encode_image, image_loader, device, "images", log_every)
         caption_features = _encode_batches(model.encode_text, caption_loader, device, "captions", log_every)
     model.train(was_training)
     return image_features, caption_features
 
 
-def similarity_from_features(caption_features, image_features):
+def similarity_from_features(caption_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
     """Cosine similarity [Q, G] of normalised caption features [Q, E] and image features [G, E]:
     one row per caption, the text-to-image layout that `retrieval_metrics` reads."""
     return caption_features @ image_features.T
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# Evaluating a model on a split, and tables of results
+# ------------------------------------------------------------------------------------------------
+
+def evaluate_split(model: nn.Module, split: data.EvalSplit, image_size: tuple[int, int],
+                   device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                   batch_size: int = 256, workers: int = 0) -> dict:
+    """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
+    loaders = data.eval_loaders(split, data.build_transform(image_size), batch_size, workers)
+    return evaluate_loaders(model, loaders, split, device, amp_dtype)
+
+
+def evaluate_loaders(model: nn.Module, loaders: tuple[DataLoader, DataLoader], split: data.EvalSplit,
+                     device: torch.device | str, amp_dtype: torch.dtype | None = None) -> dict:
+    """The same with the split's (image, caption) loaders already built: train.py builds its val
+    loaders once (the captions tokenized once, the image workers kept) and evaluates every few epochs."""
+    image_features, caption_features = extract_features(model, *loaders, device, amp_dtype)
+    similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
+    return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
+
+
+def chance_metrics(split: data.EvalSplit, seed: int = 0) -> dict:
+    """The metrics of a random ranking (one draw of uniform scores): the floor to compare with."""
+    generator = torch.Generator().manual_seed(seed)
+    similarity = torch.rand(len(split.caption_pids), len(split.image_pids), generator=generator)
+    return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
+
+
+METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def format_metrics(metrics: dict) -> str:
+    skipped = f", {metrics['num_skipped']} without a relevant image skipped" if metrics["num_skipped"] else ""
+    return ("  ".join(f"{name} {metrics[name]:6.2f}" for name in METRIC_NAMES)
+            + f"  ({metrics['num_queries']:,} queries{skipped})")
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """{row name: metrics} -> a Markdown table, in percent."""
+    width = max(len(name) for name in rows)
+    lines = [f"| {'':{width}} | " + " | ".join(f"{name:>6}" for name in METRIC_NAMES) + " |",
+             f"|{'-' * (width + 2)}|" + "|".join("-" * 8 for _ in METRIC_NAMES) + "|"]
+    for name, metrics in rows.items():
+        lines.append(f"| {name:{width}} | " + " | ".join(f"{metrics[m]:6.2f}" for m in METRIC_NAMES) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: what train.py saves, and the models rebuilt from them
+# ------------------------------------------------------------------------------------------------
+# A checkpoint holds what was trained ("trainable") and how to rebuild the rest ("clip"): the
+# name of an OpenAI release (downloaded and hash-checked when read), or the frozen backbone's
+# weights themselves. CSKT and DM-Adapter keep their frozen CLIP under the name "clip.", so that
+# prefix is the line between the two. The authors' code saved no checkpoints at all.
+
+BACKBONE_PREFIX = "clip."  # parameter names of the frozen CLIP inside CSKT and DM-Adapter
+METHODS = ("cskt", "dm_adapter", "finetune")  # what train.py trains ("clip": frozen, zero-shot)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read, written, or fitted to the model it describes."""
+
+
+def build_method(method: str, clip_model: clip_min.CLIP, method_args: dict) -> nn.Module:
+    """The model for `method` around `clip_model`: "cskt", "dm_adapter", "finetune" (every CLIP
+    weight trains) or "clip" (frozen CLIP, for zero-shot evaluation)."""
+    if method == "cskt":
+        return cskt.CSKT(clip_model, **method_args)
+    if method == "dm_adapter":
+        return dm_adapter.DMAdapter(clip_model, **method_args)
+    if method == "finetune":
+        clip_model.requires_grad_(True)
+        # SDM fixes the temperature, so CLIP's own never gets a gradient; a weight that trains
+        # without one would also stall DDP, which waits for every trainable weight's gradient.
+        clip_model.logit_scale.requires_grad_(False)
+        return clip_model
+    if method == "clip":
+        return clip_model.requires_grad_(False)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight but the frozen backbone's (a fine-tuned CLIP has no frozen part: all of it)."""
+    return {name: v.detach().cpu() for name, v in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}
+
+
+def describe_backbone(method: str, clip_name: str, clip_sha256: str, clip_model: clip_min.CLIP) -> dict:
+    """How `load_checkpoint` gets the frozen CLIP back: a release by name (hash-checked on use),
+    else the weights themselves (the file may not exist where the checkpoint is read). A
+    fine-tuned CLIP needs neither: all of it is in the trained state."""
+    config = clip_model.config
+    backbone = {"name": clip_name, "sha256": clip_sha256, "image_size": list(config.image_size),
+                "stride": config.stride}
+    if method == "finetune" or clip_name in clip_min.RELEASES:
+        return backbone
+    return {**backbone, "state_dict": {k: v.detach().cpu() for k, v in clip_model.state_dict().items()}}
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Atomic and durable: written beside `path`, flushed to the disk, renamed over it, and the
+    rename flushed too. A save that fails (a full or read-only disk) leaves the previous file."""
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
+            folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise CheckpointError(f"could not save {path}: {reason}; the previous "
+                              f"{os.path.basename(path)}, if any, is kept") from None
+
+
+def read_checkpoint(path: str) -> dict:
+    """The dict train.py saved at `path`, loaded without running code from the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no such checkpoint: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a checkpoint written by train.py ({reason})") from None
+    if not isinstance(checkpoint, dict) or not {"method", "method_args", "clip", "trainable", "args"} <= checkpoint.keys():
+        raise CheckpointError(f"{path}: not a checkpoint written by train.py (no method, clip and trainable)")
+    return checkpoint
+
+
+def load_trained(model: nn.Module, trained: dict, source: str) -> None:
+    """Puts a checkpoint's trained weights into `model`, whose frozen backbone is already in
+    place; every other weight must be there, and nothing else."""
+    try:
+        missing, unexpected = model.load_state_dict(trained, strict=False)
+    except RuntimeError as error:  # a shape mismatch
+        raise CheckpointError(f"{source} does not fit this model: {str(error).splitlines()[-1].strip()}") from None
+    not_restored = [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
+    if unexpected or not_restored:
+        raise CheckpointError(f"{source} does not fit this model: unexpected weights "
+                              f"{unexpected or 'none'}, missing {not_restored or 'none'}")
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on `device`, checkpoint) from a best.pt or last.pt that train.py wrote."""
+    checkpoint = read_checkpoint(path)
+    backbone = checkpoint["clip"]
+    image_size, stride = tuple(backbone["image_size"]), backbone["stride"]
+    if checkpoint["method"] == "finetune":
+        clip_model = clip_min.build_model(checkpoint["trainable"], image_size, stride)
+    elif "state_dict" in backbone:
+        clip_model = clip_min.build_model(backbone["state_dict"], image_size, stride)
+    else:
+        clip_model = clip_min.load(backbone["name"], image_size, stride)  # checks the release's hash
+    model = build_method(checkpoint["method"], clip_model, checkpoint["method_args"])
+    load_trained(model, checkpoint["trainable"], path)
+    return model.to(device).eval(), checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
 # Pictures of what was retrieved
+# ------------------------------------------------------------------------------------------------
 
 GRID_PADDING = 8       # pixels around every cell and the text
 OUTLINE_WIDTH = 3      # the green / red frame drawn inside the padding
@@ -206,29 +430,48 @@ CORRECT_COLOUR = (0, 170, 0)
 WRONG_COLOUR = (220, 0, 0)
 
 
-def _as_rgb_image(image):
+def _as_rgb_image(image: str | Image.Image | torch.Tensor) -> Image.Image:
     """A PIL image from a file path, a PIL image, or a float tensor [3, H, W] with values in [0, 1]
     (undo the normalisation first)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         return to_pil_image(image.detach().float().clamp(0, 1).cpu())
-    with Image.open(image) as opened:
-        return opened.convert("RGB")
+    return data.load_image(str(image))
 
 
-def _wrap_to_width(text, font, draw, width):
-    """Greedy word wrap measured in pixels (a word longer than the width gets a line of its own)."""
-    lines = []
+def _word_gap(font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw) -> float:
+    """The space between two words. Pillow's built-in font draws " " 2 pixels wide, which runs
+    the words of a line together ("short sleevesand"); half an "m" reads as a space."""
+    return max(draw.textlength(" ", font=font), draw.textlength("m", font=font) / 2)
+
+
+def _wrap_to_width(text: str, font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw,
+                   width: float) -> list[list[str]]:
+    """Greedy word wrap measured in pixels -> lines of words (a word wider than `width` gets a
+    line of its own)."""
+    gap, lines, line_width = _word_gap(font, draw), [], 0.0
     for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
+        word_width = draw.textlength(word, font=font)
+        if lines and line_width + gap + word_width <= width:
+            lines[-1].append(word)
+            line_width += gap + word_width
         else:
-            lines.append(word)
-    return lines or [""]
+            lines.append([word])
+            line_width = word_width
+    return lines or [[]]
 
 
-def save_retrieval_grid(path, query, images, scores, correct=None, cell_size=(192, 64), columns=10):
+def _draw_words(draw: ImageDraw.ImageDraw, x: float, y: float, words: list[str], font: ImageFont.ImageFont) -> None:
+    gap = _word_gap(font, draw)
+    for word in words:
+        draw.text((x, y), word, fill="black", font=font)
+        x += draw.textlength(word, font=font) + gap
+
+
+def save_retrieval_grid(path: str, query: str, images: list, scores: list[float],
+                        correct: list[bool] | None = None, cell_size: tuple[int, int] = (192, 64),
+                        columns: int = 10) -> None:
     """Write a PNG: the query text on top, then the retrieved images in rank order, `columns` per
     row, each with its score underneath and, when `correct` is given, a green (right identity) or
     red (wrong identity) frame. `correct=None` (a free-text query has no identity) draws no frame.
@@ -255,8 +498,8 @@ def save_retrieval_grid(path, query, images, scores, correct=None, cell_size=(19
     canvas = Image.new("RGB", (width, header_height + num_rows * cell_pitch_y), "white")
     draw = ImageDraw.Draw(canvas)
 
-    for line_index, line in enumerate(query_lines):
-        draw.text((GRID_PADDING, GRID_PADDING + line_index * line_height), line, fill="black", font=font)
+    for line_index, words in enumerate(query_lines):
+        _draw_words(draw, GRID_PADDING, GRID_PADDING + line_index * line_height, words, font)
     for index, (image, score) in enumerate(zip(images, scores)):
         x = (index % num_columns) * cell_pitch_x + GRID_PADDING
         y = header_height + (index // num_columns) * cell_pitch_y + GRID_PADDING
@@ -275,183 +518,135 @@ def save_retrieval_grid(path, query, images, scores, correct=None, cell_size=(19
     canvas.save(path, format="PNG")
 
 
-# -----------------------------------------------------------------------------
-# Evaluating a model on a split, and tables of results
-
-
-def evaluate_split(model, split, image_size, device, batch_size=256, workers=0):
-    """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
-    loaders = data.eval_loaders(split, data.build_transform(image_size), batch_size, workers)
-    return evaluate_loaders(model, loaders, split, device)
-
-
-def evaluate_loaders(model, loaders, split, device):
-    """The same with the split's (image, caption) loaders already built: train.py builds its val
-    loaders once (the captions tokenized once, the image workers kept) and evaluates every few epochs."""
-    image_features, caption_features = extract_features(model, *loaders, device)
-    similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
-    return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
-
-
-def chance_metrics(split, seed=0):
-    """The metrics of a random ranking (one draw of uniform scores): the floor to compare with."""
-    generator = torch.Generator().manual_seed(seed)
-    similarity = torch.rand(len(split.caption_pids), len(split.image_pids), generator=generator)
-    return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
-
-
-METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
-
-
-def format_metrics(metrics):
-    skipped = f", {metrics['num_skipped']} without a relevant image skipped" if metrics["num_skipped"] else ""
-    return ("  ".join(f"{name} {metrics[name]:6.2f}" for name in METRIC_NAMES)
-            + f"  ({metrics['num_queries']:,} queries{skipped})")
-
-
-def format_table(rows):
-    """{row name: metrics} -> a Markdown table, in percent."""
-    width = max(len(name) for name in rows)
-    lines = [f"| {'':{width}} | " + " | ".join(f"{name:>6}" for name in METRIC_NAMES) + " |",
-             f"|{'-' * (width + 2)}|" + "|".join("-" * 8 for _ in METRIC_NAMES) + "|"]
-    for name, metrics in rows.items():
-        lines.append(f"| {name:{width}} | " + " | ".join(f"{metrics[m]:6.2f}" for m in METRIC_NAMES) + " |")
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# The models train.py trains, and its checkpoints
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit the model it describes."""
-
-
-def build_method(method, clip_model, method_args):
-    """The model for `method` around `clip_model`: "cskt", "dm_adapter", "finetune" (every CLIP
-    weight trains) or "clip" (frozen CLIP, for zero-shot evaluation)."""
-    if method == "cskt":
-        return cskt.CSKT(clip_model, **method_args)
-    if method == "dm_adapter":
-        return dm_adapter.DMAdapter(clip_model, **method_args)
-    if method == "finetune":
-        clip_model.requires_grad_(True)
-        # SDM fixes the temperature, so CLIP's own never gets a gradient; a weight that trains
-        # without one would also stall DDP, which waits for every trainable weight's gradient.
-        clip_model.logit_scale.requires_grad_(False)
-        return clip_model
-    if method == "clip":
-        return clip_model.requires_grad_(False)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint) from a best.pt or last.pt that train.py wrote.
-
-    A checkpoint holds what was trained ("trainable") and how to rebuild the rest ("clip"): the
-    name and hash of an OpenAI release (downloaded and verified here), or the backbone's weights.
-    A fine-tuned CLIP is all "trainable".
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no such checkpoint: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: not a checkpoint written by train.py ({error})") from None
-    if not isinstance(checkpoint, dict) or not {"method", "clip", "trainable"} <= checkpoint.keys():
-        raise CheckpointError(f"{path}: not a checkpoint written by train.py (no method, clip and trainable)")
-    clip = checkpoint["clip"]
-    image_size, stride = tuple(clip["image_size"]), clip["stride"]
-    if checkpoint["method"] == "finetune":
-        backbone = clip_min.build_model(checkpoint["trainable"], image_size, stride)
-    elif "state_dict" in clip:
-        backbone = clip_min.build_model(clip["state_dict"], image_size, stride)
-    else:
-        backbone = clip_min.load(clip["name"], image_size, stride)  # checks the release's hash
-    model = build_method(checkpoint["method"], backbone, checkpoint["method_args"])
-    load_trained(model, checkpoint["trainable"], path)
-    return model.to(device).eval(), checkpoint
-
-
-def load_trained(model, trained, source):
-    """Puts a checkpoint's trained weights into `model`, whose frozen backbone ("clip.") is already
-    in place; every other weight must be there, and nothing else."""
-    missing, unexpected = model.load_state_dict(trained, strict=False)
-    not_restored = [key for key in missing if not key.startswith("clip.")]
-    if unexpected or not_restored:
-        raise CheckpointError(f"{source} does not fit this model: unexpected weights "
-                              f"{unexpected or 'none'}, missing {not_restored or 'none'}")
-
-
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Command line
+# ------------------------------------------------------------------------------------------------
+
+def number(kind: type, minimum: float | None = None, above: float | None = None,
+           below: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` (int or float) with bounds, so that a bad value is the
+    parser's one-line error (exit 2) rather than a traceback halfway through a run."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
+        return value
+    return parse
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line (exit 2) that names it and what is allowed,
+    without the usage block, which for train.py is longer than the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """A folder we may create or write into: not a file, and under a writable existing parent."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"argument {flag}: {folder} is a file, not a folder")
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
                                      "on a dataset split; optionally draw what was retrieved.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a best.pt or last.pt written by train.py")
     model.add_argument("--method", choices=["clip"], help="'clip': evaluate frozen CLIP zero-shot (a baseline)")
     parser.add_argument("--clip", default="ViT-B/16", help="with --method clip: a release name or checkpoint file")
-    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="input size (default: the checkpoint's; for --method clip 384 128)")
-    parser.add_argument("--stride", type=int, default=None, help="patch stride (default: the checkpoint's, or 16)")
+    parser.add_argument("--image-size", type=number(int, minimum=1), nargs=2, default=None, metavar=("H", "W"),
+                        help="with --method clip: input size (default 384 128); a checkpoint uses its own")
+    parser.add_argument("--stride", type=number(int, minimum=1), default=None,
+                        help="with --method clip: patch stride (default 16); a checkpoint uses its own")
     parser.add_argument("--data", default=None, choices=list(data.DATASETS),
                         help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--root", default="data", help="folder holding the datasets")
-    parser.add_argument("--split", default="test", choices=["test", "val"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="which split to evaluate")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype: auto is bf16 on GPUs that have it, else fp16; fp32 on the CPU")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=256, help="images or captions per batch")
+    parser.add_argument("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1),
+                        help="image-loading processes")
     parser.add_argument("--query", help="a free-text query: draw its best-matching gallery images")
-    parser.add_argument("--topk", type=int, default=10, help="images per picture")
-    parser.add_argument("--save-examples", type=int, default=0, metavar="N",
+    parser.add_argument("--topk", type=number(int, minimum=1), default=10, help="images per picture")
+    parser.add_argument("--save-examples", type=number(int, minimum=0), default=0, metavar="N",
                         help="draw the results of N test queries (green: right identity, red: wrong)")
-    parser.add_argument("--out", default="retrieval", help="folder for the pictures")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default="retrieval", help="folder for the pictures (made only to hold one)")
+    args = parser.parse_args(argv)
+    if args.checkpoint and (args.image_size or args.stride):
+        parser.error("argument --image-size/--stride: a checkpoint is evaluated at the size and stride it was "
+                     "trained with; these flags go with --method clip")
+    if args.method == "clip" and args.data is None:
+        parser.error("argument --data: --method clip needs a dataset")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
+    if args.query is not None and not args.query.strip():
+        parser.error("argument --query: the query is empty")
+    if args.query or args.save_examples:
+        check_output_folder(parser, "--out", args.out)
+    return args
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    amp_dtype = autocast_dtype(args.precision, args.device)
     try:
         if args.checkpoint:
             model, checkpoint = load_checkpoint(args.checkpoint, args.device)
-            image_size = args.image_size or checkpoint["clip"]["image_size"]
+            image_size = tuple(checkpoint["clip"]["image_size"])
             name, dataset_name = checkpoint["method"], args.data or checkpoint["data"]
         else:
-            image_size = args.image_size or (384, 128)
+            image_size = tuple(args.image_size or (384, 128))
             clip_model = clip_min.load(args.clip, image_size, args.stride or 16, args.device)
             model, name, dataset_name = build_method("clip", clip_model, {}), f"{args.clip} zero-shot", args.data
-            if dataset_name is None:
-                raise data.DataError("--method clip needs --data")
         dataset = data.load_dataset(dataset_name, args.root)
         split = dataset.val if args.split == "val" else dataset.test
         if split is None:
             raise data.DataError(f"{dataset_name} has no val split")
-        image_loader, caption_loader = data.eval_loaders(split, data.build_transform(tuple(image_size)),
+        image_loader, caption_loader = data.eval_loaders(split, data.build_transform(image_size),
                                                          args.batch_size, args.workers)
-        image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device)
+        image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
         metrics = retrieval_metrics(similarity, split.caption_pids, split.image_pids)
         print(f"{dataset_name} {args.split}, {len(split.image_paths):,} images:")
         print(format_table({name: metrics, "chance": chance_metrics(split)}))
 
-        os.makedirs(args.out, exist_ok=True)
+        topk = min(args.topk, len(split.image_paths))
         if args.query:
-            with torch.no_grad():
-                query = F.normalize(model.encode_text(clip_min.tokenize(args.query, truncate=True).to(args.device)).float(), dim=-1)
-            scores, indices = (query @ image_features.T)[0].topk(min(args.topk, len(split.image_paths)))
+            os.makedirs(args.out, exist_ok=True)
+            with torch.no_grad(), autocast(args.device, amp_dtype):
+                query_ids = clip_min.tokenize(args.query, truncate=True).to(args.device)  # [1, 77]
+                query = F.normalize(model.encode_text(query_ids).float(), dim=-1)     # [1, E]
+            scores, indices = (query @ image_features.T)[0].topk(topk)
             path = os.path.join(args.out, "query.png")
             save_retrieval_grid(path, args.query, [split.image_paths[i] for i in indices.tolist()], scores.tolist())
             print(f"wrote {path}")
         if args.save_examples:
+            os.makedirs(args.out, exist_ok=True)
             # Evenly spread over the split, so that the pictures are a fair sample, not the easiest.
-            for number, q in enumerate(np.linspace(0, len(split.captions) - 1, args.save_examples).astype(int)):
-                scores, indices = similarity[q].topk(min(args.topk, len(split.image_paths)))
+            for example, q in enumerate(np.linspace(0, len(split.captions) - 1, args.save_examples).astype(int)):
+                scores, indices = similarity[q].topk(topk)
                 correct = (split.image_pids[indices.cpu()] == split.caption_pids[q]).tolist()
-                path = os.path.join(args.out, f"example_{number:02d}.png")
+                path = os.path.join(args.out, f"example_{example:02d}.png")
                 save_retrieval_grid(path, split.captions[q], [split.image_paths[i] for i in indices.tolist()],
                                     scores.tolist(), correct)
                 print(f"wrote {path}")

@@ -3,509 +3,515 @@
     python train.py --method cskt --data CUHK-PEDES --root data        # the authors' recipe
     python train.py --method dm_adapter --data RSTPReid --root data
     python train.py --method finetune --data ICFG-PEDES --root data    # IRRA's "CLIP fine-tuned" row
-    python train.py --method cskt --data demo                          # offline, CPU, about 5 minutes
+    python train.py                                                    # the offline demo, on a CPU
     torchrun --nproc_per_node=4 train.py --method cskt --data CUHK-PEDES   # DDP, one process per GPU
 
-The recipe (SPEC 2.5, the authors' run scripts): Adam (betas 0.9/0.999, eps 1e-3), lr 3e-4 with
-biases at 2x and without weight decay (4e-5 elsewhere), 60 epochs of batch 128 at 384x128 with
-augmentation, a per-epoch schedule of 5 linear warm-up epochs from 0.1x then cosine to 0, seed 1.
-Every value is a flag. The best epoch is chosen on val (the authors chose on test); the test
-split is evaluated once, at the end, with the best checkpoint.
+The recipe is the authors' run scripts': Adam (betas 0.9/0.999, eps 1e-3), lr 3e-4 with biases at
+2x and without weight decay (4e-5 elsewhere), 60 epochs of batch 128 at 384x128 with augmentation,
+a per-epoch schedule of 5 linear warm-up epochs from 0.1x then cosine to 0, seed 1. Every value is
+a flag. The best epoch is chosen on val (the authors chose on test); the test split is evaluated
+once, at the end, with the best checkpoint.
 
 The demo (`--data demo`, the default) runs the whole pipeline in miniature without a network: a
-tiny CLIP is first trained from random weights on the synthetic "demo-pretrain" corpus (this same
-script, method finetune; it stands in for OpenAI's pretraining) and saved as an OpenAI-layout
-state dict, which is then loaded like any CLIP checkpoint; its zero-shot result on the demo test
-split is the baseline the method must beat.
+tiny CLIP is first pretrained from random weights on the synthetic "demo-pretrain" corpus,
+standing in for OpenAI's pretraining, saved as an OpenAI-layout state dict and loaded back like
+any CLIP checkpoint; its zero-shot result on the demo test split is the baseline to beat.
 
-Under torchrun every process trains on its share of each batch (--batch-size is the global
-batch; SDM sees each process's share) and DDP averages the gradients; rank 0 evaluates and saves.
+Under torchrun every process trains on its share of each batch (--batch-size is the global batch;
+SDM sees each process's share) and DDP averages the gradients; rank 0 evaluates and saves.
 
-Sections: arguments; device, precision, DDP; checkpoints; the training run; the demo's CLIP; main.
+Sections: flags; the recipe (optimizer, schedule); the demo's CLIP; the run, in the order it runs.
 """
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import clip_min
+import cskt
 import data
+import dm_adapter
 import evaluate
+from evaluate import number
 
 # ------------------------------------------------------------------------------------------------
-# Arguments
+# Flags
 # ------------------------------------------------------------------------------------------------
 
-# The demo trains tiny models on tiny images on a CPU; these replace the paper's defaults when
-# --data demo is chosen (any flag given on the command line still wins). Its CLIP was trained at
-# temperature 0.07 (see sdm_loss), and adapting it keeps that; its small gradients want Adam's
-# usual epsilon rather than the authors' 1e-3; augmentation costs more epochs than it has.
+# The demo trains tiny models on tiny images on a CPU; these replace the authors' defaults when
+# --data demo is chosen (a flag given on the command line still wins). Its CLIP was pretrained at
+# temperature 0.07, and adapting it keeps that; its small gradients want Adam's usual epsilon
+# rather than the authors' 1e-3; augmentation costs more epochs than it has.
 DEMO_RECIPE = dict(epochs=12, batch_size=64, lr=6e-3, eps=1e-6, warmup_epochs=1, temperature=0.07,
                    augment=False, image_size=(64, 32), stride=8, depth=4, workers=0, eval_every=3, log_every=25)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def constructor_defaults(method_class: type) -> dict:
+    """The keyword defaults of a method's constructor: the papers' values, written once, there."""
+    return {name: parameter.default for name, parameter in inspect.signature(method_class).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+METHOD_DEFAULTS = {"cskt": constructor_defaults(cskt.CSKT), "dm_adapter": constructor_defaults(dm_adapter.DMAdapter)}
+
+# Flags that may change when a run is resumed: they change how it is carried out, not what it
+# trains. Every other flag is the run's own and must match the checkpoint's.
+RUNNING_FLAGS = {"device", "precision", "workers", "eval_every", "log_every", "compile", "resume", "out", "stop_after"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = evaluate.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--method", default="cskt", choices=["cskt", "dm_adapter", "finetune"],
+    add("--method", default="cskt", choices=evaluate.METHODS,
         help="what to train: CSKT or DM-Adapter on a frozen CLIP, or every CLIP weight (IRRA's baseline)")
     add("--data", default="demo", choices=[*data.DATASETS],
         help="dataset under --root; 'demo' is drawn on first use (demo-pretrain is the demo's CLIP corpus)")
     add("--root", default="data", help="folder holding the datasets (see README for the layout)")
     add("--clip", default=None,
         help="CLIP release name or checkpoint path (default: ViT-B/16; for the demo, its own tiny CLIP)")
-    add("--out", default=None, help="run folder for logs and checkpoints (default: runs/<data>-<method>-<time>)")
-    recipe = parser.add_argument_group("recipe (defaults: the authors'; the demo has its own)")
-    recipe.add_argument("--epochs", type=int, default=60, help="passes over the training pairs")
-    recipe.add_argument("--batch-size", type=int, default=128, help="global batch (split across DDP processes)")
-    recipe.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4; finetune 1e-5)")
-    recipe.add_argument("--bias-lr-factor", type=float, default=2.0, help="biases train at lr times this")
-    recipe.add_argument("--weight-decay", type=float, default=4e-5, help="L2 on non-bias weights (Adam's)")
-    recipe.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="Adam's moment decay rates")
-    recipe.add_argument("--eps", type=float, default=1e-3, help="Adam's epsilon (large, as the authors')")
-    recipe.add_argument("--warmup-epochs", type=int, default=5, help="epochs of linear warm-up before the cosine")
-    recipe.add_argument("--warmup-factor", type=float, default=0.1, help="lr factor at the first epoch")
-    recipe.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"),
-                        help="input size; CLIP's position grid is resized to fit")
-    recipe.add_argument("--stride", type=int, default=16, help="stride of the patch convolution")
-    recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="flip, pad-and-crop and random erasing of training images")
-    recipe.add_argument("--mask-captions", action=argparse.BooleanOptionalAction, default=None,
-                        help="caption masking augmentation (default: on for dm_adapter, off otherwise)")
-    recipe.add_argument("--temperature", type=float, default=0.02, help="SDM's temperature (fixed)")
-    recipe.add_argument("--seed", type=int, default=1, help="seeds the model's initialisation and the data order")
-    method = parser.add_argument_group("method (defaults: the papers')")
-    method.add_argument("--n-ctx", type=int, default=4, help="CSKT: prompt tokens per tower and layer")
-    method.add_argument("--depth", type=int, default=12, help="CSKT: layers that get prompts")
-    method.add_argument("--reduction", type=int, default=8, help="adapter bottleneck: width / reduction")
-    method.add_argument("--vision-scale", type=float, default=0.1, help="adapter output scale, image tower")
-    method.add_argument("--text-scale", type=float, default=4.0, help="adapter output scale, text tower")
-    method.add_argument("--num-experts", type=int, default=6, help="DM-Adapter: experts per block")
-    method.add_argument("--top-k", type=int, default=2, help="DM-Adapter: experts per token")
-    method.add_argument("--aux-weight", type=float, default=0.5, help="DM-Adapter: load-balancing weight")
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                     help="auto: bf16 autocast on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU")
-    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
-    run.add_argument("--eval-every", type=int, default=1, help="evaluate on val every this many epochs")
-    run.add_argument("--log-every", type=int, default=50, help="a progress line every this many steps")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs)")
-    run.add_argument("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
-    run.add_argument("--stop-after", type=int, default=None, metavar="N",
-                     help="stop after N epochs of this invocation (for time-limited jobs; then --resume)")
+    add("--out", default=None, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
+    recipe = parser.add_argument_group("recipe (defaults: the authors'; the demo has its own)").add_argument
+    recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the training pairs")
+    recipe("--batch-size", type=number(int, minimum=1), default=128, help="global batch (split across DDP processes)")
+    recipe("--lr", type=number(float, above=0), default=None, help="learning rate (default 3e-4; finetune 1e-5)")
+    recipe("--bias-lr-factor", type=number(float, minimum=0), default=2.0, help="biases train at lr times this")
+    recipe("--weight-decay", type=number(float, minimum=0), default=4e-5, help="L2 on non-bias weights (Adam's)")
+    recipe("--betas", type=number(float, minimum=0, below=1), nargs=2, default=(0.9, 0.999),
+           help="Adam's moment decay rates")
+    recipe("--eps", type=number(float, above=0), default=1e-3, help="Adam's epsilon (large, as the authors')")
+    recipe("--warmup-epochs", type=number(int, minimum=0), default=5, help="epochs of linear warm-up before the cosine")
+    recipe("--warmup-factor", type=number(float, minimum=0), default=0.1, help="lr factor at the first epoch")
+    recipe("--image-size", type=number(int, minimum=1), nargs=2, default=(384, 128), metavar=("H", "W"),
+           help="input size; CLIP's position grid is resized to fit")
+    recipe("--stride", type=number(int, minimum=1), default=16, help="stride of the patch convolution")
+    recipe("--augment", action=argparse.BooleanOptionalAction, default=True,
+           help="flip, pad-and-crop and random erasing of training images")
+    recipe("--mask-captions", action=argparse.BooleanOptionalAction, default=None,
+           help="caption masking augmentation (default: on for dm_adapter, off otherwise)")
+    recipe("--temperature", type=number(float, above=0), default=0.02, help="SDM's temperature (fixed)")
+    recipe("--seed", type=number(int, minimum=0), default=1, help="seeds the model's initialisation and the data order")
+    cskt_defaults, dm_defaults = METHOD_DEFAULTS["cskt"], METHOD_DEFAULTS["dm_adapter"]
+    method = parser.add_argument_group("method (default: the paper's value, shown in brackets)").add_argument
+    method("--n-ctx", type=number(int, minimum=1), help=f"CSKT: prompt tokens per tower and layer [{cskt_defaults['n_ctx']}]")
+    method("--depth", type=number(int, minimum=1), help=f"CSKT: layers that get prompts [{cskt_defaults['depth']}]")
+    method("--reduction", type=number(int, minimum=1),
+           help=f"adapter bottleneck: width / reduction [{cskt_defaults['reduction']}]")
+    method("--vision-scale", type=number(float), help=f"adapter output scale, image tower [{cskt_defaults['vision_scale']}]")
+    method("--text-scale", type=number(float), help=f"adapter output scale, text tower [{cskt_defaults['text_scale']}]")
+    method("--num-experts", type=number(int, minimum=1), help=f"DM-Adapter: experts per block [{dm_defaults['num_experts']}]")
+    method("--top-k", type=number(int, minimum=1), help=f"DM-Adapter: experts per token [{dm_defaults['top_k']}]")
+    method("--aux-weight", type=number(float, minimum=0),
+           help=f"DM-Adapter: load-balancing weight [{dm_defaults['aux_weight']}]")
+    run = parser.add_argument_group("running (may change on --resume)").add_argument
+    run("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    run("--precision", default="auto", choices=["auto", *evaluate.PRECISIONS],
+        help="auto: bf16 autocast on GPUs that have it, else fp16 with a grad scaler; fp32 on the CPU")
+    run("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1), help="data loader processes")
+    run("--eval-every", type=number(int, minimum=1), default=1, help="evaluate on val every this many epochs")
+    run("--log-every", type=number(int, minimum=1), default=50, help="a progress line every this many steps")
+    run("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model (GPUs)")
+    run("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
+    run("--stop-after", type=number(int, minimum=1), default=None, metavar="N",
+        help="stop after N epochs of this invocation (for time-limited jobs; then --resume)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, every one checked before any work; a bad one is the parser's error (exit 2).
+
+    With --resume the run's own flags come from its checkpoint: a flag given again must agree
+    with it, and only the running flags may change. Nothing is written before these checks."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data == "demo":
-        parser.set_defaults(**DEMO_RECIPE)
-        args = parser.parse_args(argv)
-    if args.lr is None:
-        args.lr = 1e-5 if args.method == "finetune" else 3e-4
-    if args.mask_captions is None:
-        args.mask_captions = args.method == "dm_adapter"  # the authors' DM-Adapter script always masks
-    args.image_size = tuple(args.image_size)
+    # The flags given on the command line, told apart from defaults: argparse fills in a default
+    # only where the namespace has no value yet.
+    unset = object()
+    given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
+             if v is not unset}
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            parser.error(f"argument --resume: no such file: {args.resume}")
+        run_folder = os.path.dirname(os.path.abspath(args.resume))
+        if args.out and os.path.abspath(args.out) != run_folder:
+            parser.error(f"argument --out: a resumed run stays in its folder ({run_folder})")
+        try:
+            checkpoint = evaluate.read_checkpoint(args.resume)
+        except evaluate.CheckpointError as error:
+            parser.error(f"argument --resume: {error}")
+        if "optimizer" not in checkpoint:
+            parser.error(f"argument --resume: {args.resume} holds no optimizer state; resume from a last.pt")
+        saved = checkpoint["args"]
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
+                   for k in sorted(given - RUNNING_FLAGS) if _as_saved(getattr(args, k)) != _as_saved(saved.get(k))]
+        if changed:
+            parser.error(f"argument --resume: these flags differ from the run being resumed: {'; '.join(changed)}. "
+                         "Resume without them, or start a new run with another --out")
+        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
+                                     "resume": args.resume, "out": run_folder})
+    else:
+        if args.data == "demo":  # the demo's recipe, below any flag given
+            args = argparse.Namespace(**{**vars(args), **{k: v for k, v in DEMO_RECIPE.items() if k not in given}})
+        if args.lr is None:
+            args.lr = 1e-5 if args.method == "finetune" else 3e-4
+        if args.mask_captions is None:
+            args.mask_captions = args.method == "dm_adapter"  # the authors' DM-Adapter script always masks
+        for name, default in METHOD_DEFAULTS.get(args.method, {}).items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, default)
+        args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
+        for name in sorted(set().union(*map(set, METHOD_DEFAULTS.values())) & given - set(method_arguments(args))):
+            parser.error(f"argument --{name.replace('_', '-')}: not a flag of --method {args.method}")
+        if args.method == "dm_adapter" and args.top_k > args.num_experts:
+            parser.error(f"argument --top-k: at most --num-experts ({args.num_experts}), got {args.top_k}")
+        if args.out:
+            if os.path.isdir(args.out) and os.listdir(args.out):
+                parser.error(f"argument --out: {args.out} already holds a run; continue it with "
+                             f"--resume {os.path.join(args.out, 'last.pt')}, or choose another --out")
+        evaluate.check_output_folder(parser, "--out", args.out or "runs")
+    try:
+        evaluate.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
     return args
+
+
+def _as_saved(value):
+    """A flag's value as the checkpoint stores it (tuples come back as tuples or lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def method_arguments(args: argparse.Namespace) -> dict:
     """The keyword arguments of the chosen method's class (saved in checkpoints to rebuild it)."""
-    if args.method == "cskt":
-        return dict(n_ctx=args.n_ctx, depth=args.depth, reduction=args.reduction,
-                    vision_scale=args.vision_scale, text_scale=args.text_scale)
-    if args.method == "dm_adapter":
-        return dict(num_experts=args.num_experts, top_k=args.top_k, reduction=args.reduction,
-                    aux_weight=args.aux_weight, vision_scale=args.vision_scale, text_scale=args.text_scale)
-    return {}
+    return {name: getattr(args, name) for name in METHOD_DEFAULTS.get(args.method, {})}
 
 
 # ------------------------------------------------------------------------------------------------
-# Device, precision, DDP
+# The recipe: Adam with two parameter groups, and a per-epoch schedule
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype | None  # None: fp32 throughout
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+def build_optimizer(model: torch.nn.Module, lr: float, bias_lr_factor: float, weight_decay: float,
+                    betas: tuple[float, float], eps: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with IRRA's two groups: biases at bias_lr_factor x lr and no weight decay."""
+    weights, biases = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (biases if "bias" in name else weights).append(parameter)
+    groups = [{"params": weights, "weight_decay": weight_decay},
+              {"params": biases, "lr": lr * bias_lr_factor, "weight_decay": 0.0}]
+    # One fused kernel for all parameters on CUDA; elsewhere the multi-tensor (foreach) version.
+    fused = device.type == "cuda"
+    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
-def setup_runtime(args: argparse.Namespace) -> Runtime:
+def lr_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float) -> float:
+    """The lr multiplier of 0-based `epoch`: linear warm-up from warmup_factor over warmup_epochs,
+    then a cosine from 1 towards 0 over the rest (for 60 and 5: 1.0 at epoch 5, 0.5 at epoch 32)."""
+    if epoch < warmup_epochs:
+        return warmup_factor + (1 - warmup_factor) * epoch / warmup_epochs
+    # max(1, ...): with no epoch left after the warm-up (epochs == warmup_epochs), the factor the
+    # scheduler computes after the last epoch is never used; it must only not divide by zero.
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo's CLIP: pretrained here from random weights, because none can be downloaded offline
+# ------------------------------------------------------------------------------------------------
+
+DEMO_CLIP = clip_min.CLIPConfig(embed_dim=64, image_size=(64, 32), patch_size=8, stride=8,
+                                vision_width=64, vision_layers=4, text_width=64, text_layers=4)
+DEMO_PRETRAINING = dict(epochs=8, batch_size=64, lr=1e-3, warmup_epochs=1, temperature=0.07)
+
+
+def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
+    """Path of the demo's tiny CLIP, an OpenAI-layout state dict, pretrained first if not cached.
+
+    It lives in the demo-pretrain folder, which data.py replaces whenever it redraws the corpus,
+    under a name that hashes the recipe: a cached CLIP is never stale."""
+    log("demo 1/3: a CLIP to adapt")
+    corpus = data.load_dataset("demo-pretrain", root)
+    recipe = hashlib.sha256(repr((DEMO_CLIP, DEMO_PRETRAINING, seed)).encode()).hexdigest()[:12]
+    path = os.path.join(root, "demo-pretrain", f"clip-{recipe}.pt")
+    if os.path.isfile(path):
+        log(f"  using the tiny CLIP cached at {path}")
+        return path
+    log("  No pretrained CLIP can be downloaded offline, so a tiny one is trained from random weights "
+        "on the synthetic demo-pretrain corpus, standing in for OpenAI's pretraining:")
+    recipe = DEMO_PRETRAINING
+    torch.manual_seed(seed)
+    model = clip_min.CLIP(DEMO_CLIP).to(device).train()
+    model.logit_scale.requires_grad_(False)  # SDM's temperature is fixed
+    pairs = data.CaptionImageDataset(corpus.train, data.build_transform(DEMO_CLIP.image_size))
+    loader = data.train_loader(pairs, recipe["batch_size"], workers=0, seed=seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"], eps=1e-6)
+    for epoch in range(recipe["epochs"]):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe["lr"] * lr_factor(epoch, recipe["epochs"], recipe["warmup_epochs"], 0.1)
+        loss_sum = torch.zeros((), device=device)
+        for batch in loader:
+            loss = model(batch["images"].to(device), batch["ids"].to(device), batch["pids"].to(device),
+                         temperature=recipe["temperature"])["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+        log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  loss {loss_sum.item() / len(loader):.4f}")
+    evaluate.save_checkpoint(model.state_dict(), path)
+    log(f"  saved the tiny CLIP to {path}, an ordinary OpenAI-layout state dict, loaded back by clip_min.load")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: setup, data, model, optimizer, loop, test
+# ------------------------------------------------------------------------------------------------
+
+class TrainingError(Exception):
+    """The run cannot go on (a NaN loss, a dataset smaller than a batch); the message says why."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (data.DataError, clip_min.CLIPError, evaluate.CheckpointError, TrainingError) as error:
+        message = str(error).strip()
+        if "Original Traceback" in message:  # raised in a loader worker: the last line is the error
+            message = message.splitlines()[-1].removeprefix("data.DataError: ")
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # every save is atomic: what was saved is whole
+        last = os.path.join(args.out or "", "last.pt")
+        print("interrupted; " + (f"continue with --resume {last}" if os.path.isfile(last) else
+                                 "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    # --- setup: processes, device, precision ------------------------------------------------------
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.device == "auto":
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        elif torch.backends.mps.is_available():
-            device = torch.device("mps")
-        else:
-            device = torch.device("cpu")
-    else:
-        device = torch.device(args.device)
+    is_main = rank == 0
+    log = print if is_main else (lambda *_: None)
+    device = evaluate.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    precision = args.precision
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp16" if device.type == "mps" else "fp32"
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Runtime(device, amp_dtype, rank, world_size)
+    amp_dtype = evaluate.autocast_dtype(args.precision, device)
+    per_rank_batch = args.batch_size // world_size
+    if per_rank_batch < 1:
+        raise TrainingError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
 
+    # --- the frozen CLIP (for the demo, its own tiny one) ---------------------------------------
+    if args.clip is None:
+        args.clip = demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16"
+    clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
+    patch = clip_model.config.patch_size
+    if any((size - patch) % args.stride for size in args.image_size):
+        build_parser().error(f"argument --image-size: with patch {patch} and stride {args.stride}, "
+                             f"{args.image_size[0]}x{args.image_size[1]} leaves pixels that no patch sees; "
+                             f"use sizes of the form {patch} + {args.stride}*k")
+    clip_sha256 = clip_min.RELEASES[args.clip][0] if args.clip in clip_min.RELEASES else clip_min.file_sha256(args.clip)
+    if args.resume:
+        checkpoint = evaluate.read_checkpoint(args.resume)
+        if checkpoint["clip"]["sha256"] != clip_sha256:
+            raise TrainingError(f"--resume: {args.clip} is not the CLIP file the run started from "
+                                f"(SHA-256 {clip_sha256[:12]}..., the run's {checkpoint['clip']['sha256'][:12]}...)")
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    # --- data: every entry and image is checked before anything trains ----------------------------
+    dataset = data.load_dataset(args.data, args.root)
+    for split_name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
+        if split is not None and split.num_truncated:
+            log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
+                f"to {clip_min.CONTEXT_LENGTH} tokens")
+    train_set = data.CaptionImageDataset(dataset.train, data.build_transform(args.image_size, train=args.augment),
+                                         mask_captions=args.mask_captions)
+    if len(train_set) < args.batch_size:
+        raise TrainingError(f"{args.data} has {len(train_set)} training pairs, fewer than one batch "
+                            f"(--batch-size {args.batch_size}); lower --batch-size")
+    loader = data.train_loader(train_set, per_rank_batch, args.workers, seed=args.seed, distributed=world_size > 1)
+    # The best epoch is chosen on val; without one (ICFG-PEDES) the last epoch is kept.
+    val_loaders = dataset.val and data.eval_loaders(dataset.val, data.build_transform(args.image_size),
+                                                    batch_size=256, workers=args.workers)
 
+    # --- model ----------------------------------------------------------------------------------
+    torch.manual_seed(args.seed + rank)  # also seeds every CUDA device
+    try:
+        model = evaluate.build_method(args.method, clip_model, method_arguments(args))
+    except ValueError as error:  # CSKT's --depth beyond the layers this CLIP has
+        build_parser().error(f"argument --depth: {error}")
+    step_model = model
+    if world_size > 1:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        step_model = torch.compile(step_model)
 
-def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    # --- the run folder: claimed by creating args.json, so never another run's ---------------------
+    if not args.resume and is_main:
+        args.out = args.out or new_run_folder(f"runs/{args.data}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "x") as file:  # "x": fails if another run got here first
+            json.dump(vars(args), file, indent=2)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"device {device}, precision {evaluate.precision_name(amp_dtype)}, {world_size} process(es); "
+        f"run folder {args.out}\n"
+        f"{args.data}: {len(train_set):,} training pairs of {dataset.train.num_identities:,} identities; "
+        f"{len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
+        f"{len(dataset.test.image_paths):,} images\n"
+        f"{args.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
+    if args.data == "demo" and is_main:
+        log("demo 2/3: the frozen CLIP's zero-shot result on the demo test split, the baseline to beat "
+            "(the demo set shows colours, a pattern and wording the pretraining never did)")
+        zero_shot = evaluate.evaluate_split(clip_model, dataset.test, args.image_size, device, amp_dtype)
+        log("  " + evaluate.format_metrics(zero_shot))
+        log(f"demo 3/3: training {args.method} on the demo set, CLIP frozen")
 
-
-def set_rng_states(states: dict):
-    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
-    np.random.set_state(("MT19937", np.array(states["numpy"], dtype=np.uint32), states["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Adam:
-    """Adam with IRRA's two groups: biases at bias_lr_factor x lr and no weight decay."""
-    weights, biases = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (biases if "bias" in name else weights).append(parameter)
-    groups = [{"params": weights, "weight_decay": args.weight_decay},
-              {"params": biases, "lr": args.lr * args.bias_lr_factor, "weight_decay": 0.0}]
-    # One fused kernel for all parameters on CUDA; elsewhere the multi-tensor (foreach) version.
-    fused = device.type == "cuda"
-    return torch.optim.Adam(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
-                            fused=fused or None, foreach=None if fused else True)
-
-
-def lr_factor(epoch: int, args: argparse.Namespace) -> float:
-    """The lr multiplier of 0-based `epoch`: linear warm-up from warmup_factor, then cosine to 0."""
-    if epoch < args.warmup_epochs:
-        return args.warmup_factor + (1 - args.warmup_factor) * epoch / args.warmup_epochs
-    return 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: what was trained, plus what rebuilds the rest
-# ------------------------------------------------------------------------------------------------
-
-def save_atomically(obj, path: str):
-    """Write to a temporary file, then rename: an interrupted save never leaves a broken file."""
-    temporary = path + ".tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def backbone_description(args: argparse.Namespace, clip_model: clip_min.CLIP) -> dict:
-    """How evaluate.load_checkpoint gets the frozen CLIP back: a release by name and hash, or the
-    weights themselves (any other file may not exist where the checkpoint is read). A fine-tuned
-    CLIP needs neither: all of it is in the trained state."""
-    description = {"image_size": list(args.image_size), "stride": args.stride, "name": args.clip}
-    if args.clip in clip_min.RELEASES:
-        return {**description, "sha256": clip_min.RELEASES[args.clip][0]}
-    if args.method == "finetune":
-        return description
-    return {**description, "state_dict": {k: v.detach().cpu() for k, v in clip_model.state_dict().items()}}
-
-
-def trained_state(model: torch.nn.Module) -> dict:
-    """Everything but the frozen backbone (the methods keep it under "clip."; finetune has none)."""
-    return {name: v.detach().cpu() for name, v in model.state_dict().items() if not name.startswith("clip.")}
-
-
-# ------------------------------------------------------------------------------------------------
-# The training run
-# ------------------------------------------------------------------------------------------------
-
-class TrainingError(Exception):
-    """The run cannot go on (a NaN loss, a checkpoint that does not fit); the message says why."""
-
-
-def train(args: argparse.Namespace, runtime: Runtime, clip_model: clip_min.CLIP, log) -> dict:
-    """Trains args.method on args.data from `clip_model`; returns the test metrics of the best epoch."""
-    device = runtime.device
-    os.makedirs(args.out, exist_ok=True)
-    journal = open(os.path.join(args.out, "log.jsonl"), "a") if runtime.is_main else None
+    # --- optimizer, schedule, loss scaling --------------------------------------------------------
+    optimizer = build_optimizer(model, args.lr, args.bias_lr_factor, args.weight_decay, args.betas, args.eps, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per epoch, as the authors do
+        optimizer, lambda epoch: lr_factor(epoch, args.epochs, args.warmup_epochs, args.warmup_factor))
+    # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
+    if args.resume:
+        evaluate.load_trained(model, checkpoint["trainable"], args.resume)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run had no scaler
+            scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])  # augmentation and masking draw from torch's CPU generator
+        first_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
+        if is_main:  # forget what the run logged after this checkpoint: that work is redone now
+            with open(os.path.join(args.out, "log.jsonl"), "a") as journal:
+                journal.truncate(checkpoint["log_size"])
+            for name in os.listdir(args.out):  # a save the last run was killed in
+                if name.endswith(".pt.tmp"):
+                    os.remove(os.path.join(args.out, name))
+        log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
+    journal = open(os.path.join(args.out, "log.jsonl"), "a") if is_main else None
 
     def record(entry: dict):
         if journal:
             journal.write(json.dumps(entry) + "\n")
             journal.flush()
 
-    if runtime.is_main:
-        with open(os.path.join(args.out, "args.json"), "w") as file:
-            json.dump(vars(args), file, indent=2)
-
-    # --- data --------------------------------------------------------------------------------
-    dataset = data.load_dataset(args.data, args.root)
-    train_set = data.CaptionImageDataset(dataset.train, data.build_transform(args.image_size, train=args.augment),
-                                         mask_captions=args.mask_captions)
-    loader = data.train_loader(train_set, args.batch_size // runtime.world_size, args.workers,
-                               seed=args.seed, distributed=runtime.world_size > 1)
-    # The best epoch is chosen on val (the authors chose it on test); without a val split
-    # (ICFG-PEDES, demo-pretrain) the last epoch is kept.
-    selection_split = dataset.val
-    selection_loaders = selection_split and data.eval_loaders(
-        selection_split, data.build_transform(args.image_size), batch_size=256, workers=args.workers)
-    log(f"{args.data}: {len(train_set):,} training pairs of {dataset.train.num_identities:,} identities; "
-        f"{len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
-        f"{len(dataset.test.image_paths):,} images")
-
-    # --- model and optimizer -------------------------------------------------------------------
-    model = evaluate.build_method(args.method, clip_model.to(device), method_arguments(args))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"{args.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
-    optimizer = build_optimizer(model, args, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, args))
-    # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
-    step_model = model
-    if runtime.world_size > 1:
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        step_model = torch.compile(step_model)
-
-    checkpoint_base = {"method": args.method, "method_args": method_arguments(args),
-                       "clip": backbone_description(args, clip_model), "data": args.data, "args": vars(args)}
-    first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
     if args.resume:
-        try:
-            state = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except Exception as error:  # unpickling errors come in many types
-            raise TrainingError(f"--resume: cannot read {args.resume} ({error})") from None
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise TrainingError(f"--resume: {args.resume} holds no optimizer state; resume from a last.pt")
-        if (state["method"], state["data"]) != (args.method, args.data):
-            raise TrainingError(f"{args.resume} is a {state['method']} run on {state['data']}, "
-                                f"not {args.method} on {args.data}")
-        evaluate.load_trained(model, state["trainable"], args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"])
-        first_epoch, best = state["epoch"] + 1, state["best"]
-        log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
+        record({"resumed_at_epoch": first_epoch + 1})
 
-    def save(name: str, epoch: int, full: bool):  # (the authors' code saved no checkpoints)
-        checkpoint = {**checkpoint_base, "trainable": trained_state(model), "epoch": epoch, "best": best}
-        if full:  # what --resume needs on top of the weights
+    backbone = evaluate.describe_backbone(args.method, args.clip, clip_sha256, clip_model)
+
+    def save(name: str, epoch: int, resumable: bool):
+        checkpoint = {"method": args.method, "method_args": method_arguments(args), "data": args.data,
+                      "args": vars(args), "clip": backbone, "trainable": evaluate.trained_state(model),
+                      "epoch": epoch, "best": best}
+        if resumable:  # what --resume needs on top of the weights
             checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              scaler=scaler.state_dict(), rng=rng_states())
-        save_atomically(checkpoint, os.path.join(args.out, name))
+                              scaler=scaler.state_dict(), rng=torch.get_rng_state(), log_size=journal.tell())
+        evaluate.save_checkpoint(checkpoint, os.path.join(args.out, name))
 
-    # --- the loop ----------------------------------------------------------------------------
+    # --- the loop -------------------------------------------------------------------------------
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, first_epoch + args.stop_after)
     steps_per_epoch, started, steps_done = len(loader), time.time(), 0
     for epoch in range(first_epoch, last_epoch):
         model.train()
         # Reseeding per epoch makes the order, the augmentation and the masking of epoch e the
         # same whether or not the run was resumed (workers are started anew each epoch).
-        loader.generator.manual_seed(args.seed + 1000 * epoch + runtime.rank)
-        if runtime.world_size > 1:
+        loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
+        if world_size > 1:
             loader.sampler.set_epoch(epoch)
-        # Losses are summed on the device and read once per progress line: no sync per step.
-        window_sums, window_steps, window_pairs, window_started = {}, 0, 0, time.time()
-        nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
+        # Losses are summed on the device and read once per progress line: no host sync per step.
+        window, window_steps, window_started = {}, 0, time.time()
         for step, batch in enumerate(loader, 1):
-            images = batch["images"].to(device, non_blocking=True)
-            ids = batch["ids"].to(device, non_blocking=True)
-            pids = batch["pids"].to(device, non_blocking=True)
+            images, ids, pids = (batch[k].to(device, non_blocking=True) for k in ("images", "ids", "pids"))
             # fp32 master weights under autocast (the authors cast the weights to fp16 and ran Adam
             # on them, with neither a master copy nor loss scaling).
-            with runtime.autocast():
+            with evaluate.autocast(device, amp_dtype):
                 losses = step_model(images, ids, pids, temperature=args.temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
-            for name, value in losses.items():
-                window_sums[name] = window_sums.get(name, 0) + value.detach()
-            nonfinite_steps += ~torch.isfinite(losses["loss"].detach())
-            window_steps += 1
-            window_pairs += len(images) * runtime.world_size
-            steps_done += 1
+            window = {name: window.get(name, 0) + value.detach() for name, value in losses.items()}
+            window_steps, steps_done = window_steps + 1, steps_done + 1
 
             if step % args.log_every == 0 or step == steps_per_epoch:
-                if nonfinite_steps.item():  # one sync per log line, not per step
+                means = {name: (total / window_steps).item() for name, total in window.items()}  # the sync
+                if not math.isfinite(means["loss"]):
                     raise TrainingError(
                         f"the loss became NaN or infinite in epoch {epoch + 1} (before step {step}); "
-                        f"stopped, {args.out}/last.pt holds the last good epoch. Try a lower --lr or "
-                        "--precision fp32")
-                elapsed = time.time() - started
-                remaining = (last_epoch - epoch) * steps_per_epoch - step
-                parts = {name: (total / window_steps).item() for name, total in window_sums.items()}
-                pairs_per_s = window_pairs / (time.time() - window_started)
+                        f"stopped, {args.out}/last.pt holds the last good epoch. Try a lower --lr or --precision fp32")
+                pairs_per_s = window_steps * args.batch_size / (time.time() - window_started)
+                eta = int((time.time() - started) / steps_done * ((last_epoch - epoch) * steps_per_epoch - step))
                 lr = optimizer.param_groups[0]["lr"]
                 log(f"epoch {epoch + 1}/{args.epochs}  step {step}/{steps_per_epoch}  "
-                    + "  ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                    + f"  lr {lr:.2e}  {pairs_per_s:,.0f} pairs/s  ETA {format_seconds(elapsed / steps_done * remaining)}")
-                record({"epoch": epoch + 1, "step": step, **parts, "lr": lr, "pairs_per_s": pairs_per_s})
-                window_sums, window_steps, window_pairs, window_started = {}, 0, 0, time.time()
+                    + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    + f"  lr {lr:.2e}  {pairs_per_s:,.0f} pairs/s  ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+                record({"epoch": epoch + 1, "step": step, **means, "lr": lr, "pairs_per_s": pairs_per_s})
+                window, window_steps, window_started = {}, 0, time.time()
         scheduler.step()
 
-        # --- evaluate, keep the best, save -----------------------------------------------------
-        is_last = epoch + 1 == args.epochs
-        if runtime.is_main:
-            if selection_split is None:
+        # --- evaluate on val, keep the best, save ---------------------------------------------------
+        if is_main:
+            if dataset.val is None:
                 best = {"epoch": epoch, "R1": float("nan")}  # no val split: the last epoch is kept
-                save("best.pt", epoch, full=False)
-            elif (epoch + 1) % args.eval_every == 0 or is_last:
-                metrics = evaluate.evaluate_loaders(model, selection_loaders, selection_split, device)
+                save("best.pt", epoch, resumable=False)
+            elif (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                metrics = evaluate.evaluate_loaders(model, val_loaders, dataset.val, device, amp_dtype)
                 log(f"epoch {epoch + 1} val: " + evaluate.format_metrics(metrics))
                 record({"epoch": epoch + 1, "split": "val", **metrics})
                 if metrics["R1"] > best["R1"]:
                     best = {"epoch": epoch, "R1": metrics["R1"]}
-                    save("best.pt", epoch, full=False)
-            save("last.pt", epoch, full=True)
-        if runtime.world_size > 1:
+                    save("best.pt", epoch, resumable=False)
+            save("last.pt", epoch, resumable=True)
+        if world_size > 1:
             dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
 
     if last_epoch < args.epochs:
         log(f"stopped after epoch {last_epoch} as asked; continue with --resume {args.out}/last.pt")
-        return {}
+        return
 
     # --- the test split, once, with the best checkpoint -------------------------------------------
-    results = {}
-    if runtime.is_main:
-        best_state = torch.load(os.path.join(args.out, "best.pt"), map_location="cpu", weights_only=True)
-        evaluate.load_trained(model, best_state["trainable"], "best.pt")
-        results = evaluate.evaluate_split(model, dataset.test, args.image_size, device, workers=args.workers)
-        log(f"test (epoch {best_state['epoch'] + 1}): " + evaluate.format_metrics(results))
-        record({"epoch": best_state["epoch"] + 1, "split": "test", **results})
+    if is_main:
+        best_checkpoint = evaluate.read_checkpoint(os.path.join(args.out, "best.pt"))
+        evaluate.load_trained(model, best_checkpoint["trainable"], "best.pt")
+        results = evaluate.evaluate_split(model, dataset.test, args.image_size, device, amp_dtype, workers=args.workers)
+        log(f"test (epoch {best_checkpoint['epoch'] + 1}): " + evaluate.format_metrics(results))
+        record({"epoch": best_checkpoint["epoch"] + 1, "split": "test", **results})
         with open(os.path.join(args.out, "test_metrics.json"), "w") as file:
-            json.dump({"epoch": best_state["epoch"] + 1, **results}, file, indent=2)
-    if journal:
-        journal.close()
-    return results
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-# ------------------------------------------------------------------------------------------------
-# The demo's CLIP: trained here from random weights, because no pretrained one can be downloaded
-# ------------------------------------------------------------------------------------------------
-
-DEMO_CLIP = clip_min.CLIPConfig(embed_dim=64, image_size=(64, 32), patch_size=8, stride=8,
-                                vision_width=64, vision_layers=4, text_width=64, text_layers=4)
-DEMO_PRETRAIN_RECIPE = ["--epochs", "8", "--batch-size", "64", "--lr", "1e-3", "--warmup-epochs", "1",
-                        "--bias-lr-factor", "1", "--weight-decay", "0", "--eps", "1e-6",
-                        "--temperature", "0.07", "--no-augment"]
-
-
-def demo_clip_path(args: argparse.Namespace, runtime: Runtime, log) -> str:
-    """The demo's tiny CLIP, as an OpenAI-layout state dict; trained first if not there yet.
-
-    It is kept inside the demo-pretrain folder, which data.py replaces whenever it redraws the
-    corpus, under a name that hashes its recipe: a cached CLIP is never stale.
-    """
-    recipe = hashlib.sha256(repr((DEMO_CLIP, DEMO_PRETRAIN_RECIPE, args.seed)).encode()).hexdigest()[:12]
-    log("demo 1/3: a CLIP to adapt")
-    data.make_demo("demo-pretrain", args.root)
-    path = os.path.join(args.root, "demo-pretrain", f"clip-{recipe}.pt")
-    if os.path.isfile(path):
-        log(f"  using the tiny CLIP cached at {path}")
-        return path
-    log("  No pretrained CLIP can be downloaded offline, so a tiny one is trained from random weights "
-        "on the synthetic demo-pretrain corpus (standing in for OpenAI's pretraining), all of it trained:")
-    pretrain_args = parse_args(["--method", "finetune", "--data", "demo-pretrain", "--root", args.root,
-                                "--out", os.path.join(args.out, "demo-pretrain"), "--image-size",
-                                *map(str, DEMO_CLIP.image_size), "--stride", str(DEMO_CLIP.stride),
-                                "--workers", str(args.workers), "--device", str(runtime.device),
-                                "--seed", str(args.seed), *DEMO_PRETRAIN_RECIPE])
-    pretrain_args.clip = "random initialisation"
-    seed_everything(args.seed)
-    clip_model = clip_min.CLIP(DEMO_CLIP)
-    train(pretrain_args, runtime, clip_model, log)
-    save_atomically(clip_model.state_dict(), path)
-    log(f"  saved the tiny CLIP to {path}, an ordinary OpenAI-layout state dict, loaded back by clip_min.load")
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        runtime = setup_runtime(args)
-        log = print if runtime.is_main else (lambda *a, **k: None)
-        if args.resume and not args.out:
-            args.out = os.path.dirname(os.path.abspath(args.resume))
-        args.out = args.out or os.path.join("runs", f"{args.data}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        log(f"device {runtime.device}, precision {runtime.amp_dtype or 'fp32'}, "
-            f"{runtime.world_size} process(es); run folder {args.out}")
-        if args.resume and not os.path.isfile(args.resume):
-            raise TrainingError(f"--resume: no such file: {args.resume}")
-
-        demo_baseline = None
-        if args.data == "demo" and args.clip is None:
-            args.clip = demo_clip_path(args, runtime, log)
-        args.clip = args.clip or "ViT-B/16"
-        clip_model = clip_min.load(args.clip, args.image_size, args.stride, runtime.device)
-        if args.data == "demo" and runtime.is_main:
-            test_split = data.load_dataset("demo", args.root).test
-            log("demo 2/3: the frozen CLIP's zero-shot result on the demo test split, the baseline to beat "
-                "(the demo set shows colours, a pattern and wording the pretraining never did)")
-            demo_baseline = evaluate.evaluate_split(clip_model, test_split, args.image_size, runtime.device)
-            log("  " + evaluate.format_metrics(demo_baseline))
-            log(f"demo 3/3: training {args.method} on the demo set, CLIP frozen")
-
-        seed_everything(args.seed + runtime.rank)
-        results = train(args, runtime, clip_model, log)
-        if demo_baseline is not None and results:
-            rows = {"chance (random scores)": evaluate.chance_metrics(test_split),
-                    "frozen CLIP, zero-shot": demo_baseline, f"{args.method}, CLIP frozen": results}
+            json.dump({"epoch": best_checkpoint["epoch"] + 1, **results}, file, indent=2)
+        if args.data == "demo":
+            rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
+                    "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
-    except (data.DataError, clip_min.CLIPError, TrainingError, evaluate.CheckpointError) as error:
-        # A DataError raised in a loader worker arrives with the worker's traceback in its message:
-        # its last line is the error itself.
-        message = str(error).strip().splitlines()[-1]
-        print(f"error: {message.split('Error: ', 1)[-1] if message.startswith('data.') else message}",
-              file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    journal and journal.close()
+
+
+def new_run_folder(base: str) -> str:
+    """A folder name no other run has: `base` with this process's id, then a counter if taken
+    (os.makedirs without exist_ok claims a name atomically, even for jobs started together)."""
+    for attempt in range(1000):
+        folder = f"{base}-{os.getpid()}" + (f"-{attempt}" if attempt else "")
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            continue
+    raise TrainingError(f"could not find a free run folder name like {base}")
 
 
 if __name__ == "__main__":
