@@ -627,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
         metrics = retrieval_metrics(similarity, split.caption_pids, split.image_pids)
-        print(f"{dataset_name} {args.split}, {len(split.image_paths):,} images:")
+        cut = f"; {split.num_truncated:,} captions cut to 77 tokens" if split.num_truncated else ""
+        print(f"{dataset_name} {args.split}, {len(split.image_paths):,} images{cut}:")
         print(format_table({name: metrics, "chance": chance_metrics(split)}))
 
         topk = min(args.topk, len(split.image_paths))
@@ -650,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_retrieval_grid(path, split.captions[q], [split.image_paths[i] for i in indices.tolist()],
                                     scores.tolist(), correct)
                 print(f"wrote {path}")
-    except (data.DataError, clip_min.CLIPError, CheckpointError) as error:
+    except (data.DataError, clip_min.CLIPError, CheckpointError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -148,8 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             checkpoint = evaluate.read_checkpoint(args.resume)
         except evaluate.CheckpointError as error:
             parser.error(f"argument --resume: {error}")
-        if "optimizer" not in checkpoint:
-            parser.error(f"argument --resume: {args.resume} holds no optimizer state; resume from a last.pt")
+        if not {"optimizer", "scheduler", "scaler", "rng", "log_size"} <= checkpoint.keys():
+            parser.error(f"argument --resume: {args.resume} is not a last.pt of this train.py (no optimizer "
+                         "state); resume from the last.pt of a run")
         saved = checkpoint["args"]
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
                    for k in sorted(given - RUNNING_FLAGS) if _as_saved(getattr(args, k)) != _as_saved(saved.get(k))]
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         if "Original Traceback" in message:  # raised in a loader worker: the last line is the error
             message = message.splitlines()[-1].removeprefix("data.DataError: ")
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a folder we may not write, a disk that is full: the system's own words
+        print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # every save is atomic: what was saved is whole
         last = os.path.join(args.out or "", "last.pt")

@@ -54,7 +54,7 @@ def build_retrieval_problem(queries, gallery, identities, dim, seed):
 
 
 def irra_style_metrics(similarity, query_pids, gallery_pids):
-    """IRRA's ranking method, re-written from its description (SPEC 2.4) for comparison only:
+    """IRRA's ranking method, re-written from its description (IRRA's evaluation code) for comparison only:
     sort every row of the whole matrix, mark the matches, then a Python loop over queries. Like
     the original it fails on a query without any relevant gallery item."""
     order = similarity.argsort(dim=1, descending=True)                             # [Q, G]

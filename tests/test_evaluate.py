@@ -16,7 +16,7 @@ import evaluate
 
 
 def brute_force_metrics(similarity, query_pids, gallery_pids):
-    """The definitions of SPEC 2.4 followed literally: sort each row, walk down the ranks."""
+    """The metric definitions followed literally: sort each row, walk down the ranks."""
     found_within = {1: [], 5: [], 10: []}
     average_precisions, inverse_negative_penalties = [], []
     for query in range(similarity.shape[0]):
@@ -263,3 +263,23 @@ def test_retrieval_grid_without_identities_has_no_frames_and_wraps_long_text(tmp
         assert evaluate.CORRECT_COLOUR not in colours and evaluate.WRONG_COLOUR not in colours
         assert short_picture.width == long_picture.width == evaluate.GRID_MIN_WIDTH
         assert long_picture.height > short_picture.height
+
+
+def test_words_of_a_wrapped_query_stay_apart(tmp_path):
+    # Pillow's built-in font draws a space 2 pixels wide, which ran the words of a line together
+    # ("short sleevesand a logo"). Between two words there must be a clear gap of white columns.
+    path = tmp_path / "grid.png"
+    evaluate.save_retrieval_grid(path, "mmmm mmmm " * 12, [Image.new("RGB", (8, 8))], [0.5])
+    with Image.open(path) as picture:
+        text_rows = picture.convert("L").crop((0, 0, picture.width, 2 * evaluate.GRID_PADDING + 10))
+        inked = [any(text_rows.getpixel((x, y)) < 128 for y in range(text_rows.height)) for x in range(text_rows.width)]
+    gaps, run = [], 0
+    for is_inked in inked[evaluate.GRID_PADDING:]:
+        if is_inked:
+            if run:
+                gaps.append(run)
+            run = 0
+        else:
+            run += 1
+    word_gaps = [gap for gap in gaps if gap >= 5]  # within "mmmm" the strokes are 1 or 2 apart
+    assert len(word_gaps) >= 3, gaps

@@ -204,6 +204,7 @@ def test_resume_refuses_flags_that_change_the_run_and_writes_nothing(setup, tmp_
     assert "--method dm_adapter (the run's: cskt)" in err
     err = flag_error(capsys, ["--resume", last, "--clip", "ViT-B/16"])
     assert "--clip ViT-B/16" in err
+    assert "resume from the last.pt of a run" in flag_error(capsys, ["--resume", str(out / "best.pt")])
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     # Running flags may change; flags repeated with the run's own values are fine.
     assert train.main(["--resume", last, "--workers", "1", "--log-every", "3", "--lr", "1e-3"]) == 0
