@@ -430,9 +430,13 @@ class ImageList(torch.utils.data.Dataset):
 PREFETCH = 4  # batches each worker keeps ready; images are small, decoding is the bottleneck
 
 
-def train_loader(dataset: CaptionImageDataset, batch_size: int, workers: int, seed: int = 0,
+def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int, workers: int,
+                 augment: bool = True, mask_captions: bool = False, seed: int = 0,
                  distributed: bool = False) -> DataLoader:
-    """Shuffled batches, the last incomplete one dropped. Under DDP call sampler.set_epoch(e)."""
+    """Shuffled batches of the (image, caption) pairs of `split` at `image_size` (H, W), the last
+    incomplete one dropped; augmented images and masked captions if asked. Under DDP call
+    sampler.set_epoch(e)."""
+    dataset = CaptionImageDataset(split, build_transform(image_size, train=augment), mask_captions)
     sampler, rank = None, 0
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
@@ -447,10 +451,11 @@ def train_loader(dataset: CaptionImageDataset, batch_size: int, workers: int, se
                       prefetch_factor=PREFETCH if workers > 0 else None)
 
 
-def eval_loaders(split: EvalSplit, transform, batch_size: int = 512,
+def eval_loaders(split: EvalSplit, image_size: tuple[int, int], batch_size: int = 512,
                  workers: int = 0) -> tuple[DataLoader, DataLoader]:
-    """(gallery images [B, 3, H, W], query ids [B, 77]), both in split order. Captions are never masked."""
-    images = DataLoader(ImageList(split.image_paths, transform), batch_size, num_workers=workers,
+    """(gallery images [B, 3, H, W], query ids [B, 77]), both in split order, the images at
+    `image_size` (H, W) without augmentation. Captions are never masked."""
+    images = DataLoader(ImageList(split.image_paths, build_transform(image_size)), batch_size, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     return images, DataLoader(split.ids, batch_size)  # [Nq, 77] rows: a tensor is a dataset of its rows
 

@@ -262,7 +262,7 @@ def evaluate_split(model: nn.Module, split: data.EvalSplit, image_size: tuple[in
                    device: torch.device | str, amp_dtype: torch.dtype | None = None,
                    batch_size: int = 256, workers: int = 0) -> dict:
     """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
-    loaders = data.eval_loaders(split, data.build_transform(image_size), batch_size, workers)
+    loaders = data.eval_loaders(split, image_size, batch_size, workers)
     return evaluate_loaders(model, loaders, split, device, amp_dtype)
 
 
@@ -622,8 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         split = dataset.val if args.split == "val" else dataset.test
         if split is None:
             raise data.DataError(f"{dataset_name} has no val split")
-        image_loader, caption_loader = data.eval_loaders(split, data.build_transform(image_size),
-                                                         args.batch_size, args.workers)
+        image_loader, caption_loader = data.eval_loaders(split, image_size, args.batch_size, args.workers)
         image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
         metrics = retrieval_metrics(similarity, split.caption_pids, split.image_pids)

@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "state); resume from the last.pt of a run")
         saved = checkpoint["args"]
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
-                   for k in sorted(given - RUNNING_FLAGS) if _as_saved(getattr(args, k)) != _as_saved(saved.get(k))]
+                   for k in sorted(given - RUNNING_FLAGS) if json.dumps(getattr(args, k)) != json.dumps(saved.get(k))]
         if changed:
             parser.error(f"argument --resume: these flags differ from the run being resumed: {'; '.join(changed)}. "
                          "Resume without them, or start a new run with another --out")
@@ -184,11 +184,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         parser.error(f"argument --device: {error}")
     return args
-
-
-def _as_saved(value):
-    """A flag's value as the checkpoint stores it (tuples come back as tuples or lists)."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 def method_arguments(args: argparse.Namespace) -> dict:
@@ -342,15 +337,16 @@ def run(args: argparse.Namespace) -> None:
         if split is not None and split.num_truncated:
             log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
                 f"to {clip_min.CONTEXT_LENGTH} tokens")
-    train_set = data.CaptionImageDataset(dataset.train, data.build_transform(args.image_size, train=args.augment),
-                                         mask_captions=args.mask_captions)
-    if len(train_set) < args.batch_size:
-        raise TrainingError(f"{args.data} has {len(train_set)} training pairs, fewer than one batch "
+    num_pairs = len(dataset.train.captions)
+    if num_pairs // world_size < per_rank_batch:
+        raise TrainingError(f"{args.data} has {num_pairs} training pairs, fewer than one batch "
                             f"(--batch-size {args.batch_size}); lower --batch-size")
-    loader = data.train_loader(train_set, per_rank_batch, args.workers, seed=args.seed, distributed=world_size > 1)
-    # The best epoch is chosen on val; without one (ICFG-PEDES) the last epoch is kept.
-    val_loaders = dataset.val and data.eval_loaders(dataset.val, data.build_transform(args.image_size),
-                                                    batch_size=256, workers=args.workers)
+    loader = data.train_loader(dataset.train, args.image_size, per_rank_batch, args.workers, args.augment,
+                               args.mask_captions, seed=args.seed, distributed=world_size > 1)
+    # The best epoch is chosen on val; without one (ICFG-PEDES) the last epoch is kept. Both splits'
+    # loaders are made once: the images' workers and the tokenized captions are reused.
+    val_loaders = dataset.val and data.eval_loaders(dataset.val, args.image_size, 256, args.workers)
+    test_loaders = data.eval_loaders(dataset.test, args.image_size, 256, args.workers)
 
     # --- model ----------------------------------------------------------------------------------
     torch.manual_seed(args.seed + rank)  # also seeds every CUDA device
@@ -374,14 +370,14 @@ def run(args: argparse.Namespace) -> None:
     total = sum(p.numel() for p in model.parameters())
     log(f"device {device}, precision {evaluate.precision_name(amp_dtype)}, {world_size} process(es); "
         f"run folder {args.out}\n"
-        f"{args.data}: {len(train_set):,} training pairs of {dataset.train.num_identities:,} identities; "
+        f"{args.data}: {num_pairs:,} training pairs of {dataset.train.num_identities:,} identities; "
         f"{len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
         f"{len(dataset.test.image_paths):,} images\n"
         f"{args.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
     if args.data == "demo" and is_main:
         log("demo 2/3: the frozen CLIP's zero-shot result on the demo test split, the baseline to beat "
             "(the demo set shows colours, a pattern and wording the pretraining never did)")
-        zero_shot = evaluate.evaluate_split(clip_model, dataset.test, args.image_size, device, amp_dtype)
+        zero_shot = evaluate.evaluate_loaders(clip_model, test_loaders, dataset.test, device, amp_dtype)
         log("  " + evaluate.format_metrics(zero_shot))
         log(f"demo 3/3: training {args.method} on the demo set, CLIP frozen")
 
@@ -493,7 +489,7 @@ def run(args: argparse.Namespace) -> None:
     if is_main:
         best_checkpoint = evaluate.read_checkpoint(os.path.join(args.out, "best.pt"))
         evaluate.load_trained(model, best_checkpoint["trainable"], "best.pt")
-        results = evaluate.evaluate_split(model, dataset.test, args.image_size, device, amp_dtype, workers=args.workers)
+        results = evaluate.evaluate_loaders(model, test_loaders, dataset.test, device, amp_dtype)
         log(f"test (epoch {best_checkpoint['epoch'] + 1}): " + evaluate.format_metrics(results))
         record({"epoch": best_checkpoint["epoch"] + 1, "split": "test", **results})
         with open(os.path.join(args.out, "test_metrics.json"), "w") as file:

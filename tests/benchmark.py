@@ -168,9 +168,9 @@ def build_benchmark_model(args, device):
     config = TINY_CLIP if args.tiny else clip_min.CLIPConfig(image_size=tuple(args.image_size), stride=args.stride)
     torch.manual_seed(0)
     clip_model = clip_min.CLIP(config)
-    method_args = train.method_arguments(argparse.Namespace(
-        method=args.method, n_ctx=4, depth=min(12, config.vision_layers, config.text_layers), reduction=8,
-        vision_scale=0.1, text_scale=4.0, num_experts=6, top_k=2, aux_weight=0.5))
+    method_args = dict(train.METHOD_DEFAULTS.get(args.method, {}))  # the papers' values
+    if "depth" in method_args:
+        method_args["depth"] = min(method_args["depth"], config.vision_layers, config.text_layers)
     model = evaluate.build_method(args.method, clip_model, method_args).to(device)
     return config, model, method_args
 
@@ -205,18 +205,18 @@ def timed_steps(step, batches, steps, device):
 
 def run_train(args):
     device = torch.device(args.device)
-    runtime = train.Runtime(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+    amp_dtype = evaluate.PRECISIONS[args.precision]
     config, model, method_args = build_benchmark_model(args, device)
-    recipe = argparse.Namespace(lr=3e-4, weight_decay=4e-5, bias_lr_factor=2.0, betas=(0.9, 0.999), eps=1e-3)
-    optimizer = train.build_optimizer(model, recipe, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
+    optimizer = train.build_optimizer(model, lr=3e-4, bias_lr_factor=2.0, weight_decay=4e-5, betas=(0.9, 0.999),
+                                      eps=1e-3, device=device)  # the authors' recipe
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if args.compile else model
     model.train()
 
     def step(images, ids, pids):  # what train.py does per batch, and nothing else
         images = images.to(device, non_blocking=True)
         ids, pids = ids.to(device, non_blocking=True), pids.to(device, non_blocking=True)
-        with runtime.autocast():
+        with evaluate.autocast(device, amp_dtype):
             losses = step_model(images, ids, pids)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
@@ -244,9 +244,8 @@ def run_train(args):
     if args.data_pipeline:  # the same step fed by data.py's loader from the demo images
         root = args.root or tempfile.mkdtemp(prefix="benchmark-demo-")
         dataset = data.load_dataset("demo", root)
-        train_set = data.CaptionImageDataset(dataset.train, data.build_transform(config.image_size, train=True),
-                                             mask_captions=args.method == "dm_adapter")
-        loader = data.train_loader(train_set, batch, args.workers, seed=0)
+        loader = data.train_loader(dataset.train, config.image_size, batch, args.workers, augment=True,
+                                   mask_captions=args.method == "dm_adapter", seed=0)
         loader_steps = min(args.steps, len(loader) - 2)
 
         def batches():
@@ -285,17 +284,18 @@ def run_eval(args):
     caption_pids = image_pids[torch.randint(0, args.images, (args.captions,), generator=generator)]
     image_loader = torch.utils.data.DataLoader(images, args.batch_size, pin_memory=device.type == "cuda")
     caption_loader = torch.utils.data.DataLoader(captions, args.batch_size, pin_memory=device.type == "cuda")
-    evaluate.extract_features(model, [images[:2]], [captions[:2]], device, log_every=0)  # warm-up
+    amp_dtype = evaluate.autocast_dtype("auto", device)  # what evaluate.py uses by default
+    evaluate.extract_features(model, [images[:2]], [captions[:2]], device, amp_dtype, log_every=0)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     # One caption (or one image) rides along with the other side: extract_features encodes both.
-    image_features, _ = evaluate.extract_features(model, image_loader, [captions[:1]], device, log_every=0)
+    image_features, _ = evaluate.extract_features(model, image_loader, [captions[:1]], device, amp_dtype, log_every=0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     image_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    caption_features = evaluate.extract_features(model, [images[:1]], caption_loader, device, log_every=0)[1]
+    caption_features = evaluate.extract_features(model, [images[:1]], caption_loader, device, amp_dtype, log_every=0)[1]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     caption_seconds = time.perf_counter() - started

@@ -281,7 +281,7 @@ def test_captions_are_tokenized_once_and_cuts_counted(cuhk, monkeypatch):
 
     dataset = data.load_dataset("CUHK-PEDES", str(cuhk))
     train_set = data.CaptionImageDataset(dataset.train, data.build_transform((32, 16)))
-    _, queries = data.eval_loaders(dataset.test, data.build_transform((32, 16)), batch_size=3)
+    _, queries = data.eval_loaders(dataset.test, (32, 16), batch_size=3)
     query_ids = torch.cat(list(queries))  # [4, 77]
     assert len(encoded) == 13  # every caption of every split, once
     monkeypatch.undo()
@@ -351,13 +351,14 @@ def test_samples_and_loaders(cuhk):
     assert not (samples.ids == data.MASK_TOKEN).any()  # the stored ids stay clean
 
     def pid_order():
-        return [b["pids"].tolist() for b in data.train_loader(samples, batch_size=3, workers=0, seed=1)]
+        loader = data.train_loader(dataset.train, (32, 16), batch_size=3, workers=0, mask_captions=True, seed=1)
+        return [b["pids"].tolist() for b in loader]
     assert len(pid_order()) == 2  # 7 samples: the incomplete batch is dropped
     assert pid_order() == pid_order()  # the seed fixes the order
-    batch = next(iter(data.train_loader(samples, batch_size=3, workers=0)))
+    batch = next(iter(data.train_loader(dataset.train, (32, 16), batch_size=3, workers=0)))
     assert batch["images"].shape == (3, 3, 32, 16) and batch["ids"].shape == (3, 77)
 
-    images, captions = data.eval_loaders(dataset.test, data.build_transform((32, 16)), batch_size=3)
+    images, captions = data.eval_loaders(dataset.test, (32, 16), batch_size=3)
     assert [b.shape for b in images] == [(2, 3, 32, 16)]
     assert [b.shape for b in captions] == [(3, 77), (1, 77)]
     assert not (torch.cat(list(captions)) == data.MASK_TOKEN).any()  # queries are never masked
