@@ -18,20 +18,26 @@ excluded and counted; ties follow a stated rule (see `retrieval_metrics`).
 
 The file also extracts features from any model with `encode_image` / `encode_text`, holds the
 device and precision policy both scripts share, saves and rebuilds the checkpoints train.py
-writes, draws pictures of what was retrieved, and is a command line:
+writes, draws pictures of what was retrieved, searches any folder of images, draws DM-Adapter's
+routing, and is a command line:
 
     python evaluate.py --checkpoint runs/cuhk-cskt/best.pt                 # the test split's table
     python evaluate.py --checkpoint cuhk/best.pt --data ICFG-PEDES         # across datasets
     python evaluate.py --method clip --clip ViT-B/16 --data CUHK-PEDES      # frozen CLIP, zero-shot
     python evaluate.py --checkpoint best.pt --query "a man in a blue jacket" --topk 10
     python evaluate.py --checkpoint best.pt --save-examples 8              # green: right identity
+    python evaluate.py --checkpoint best.pt --gallery ~/photos --query "a man in a blue jacket"
+    python evaluate.py --checkpoint dm/best.pt --routing                   # which experts DM-Adapter uses
 """
 
 import argparse
+import colorsys
 import contextlib
+import functools
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -301,6 +307,21 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_transfer_table(results: dict[tuple[str, str], dict], metrics: tuple[str, ...] = ("R1", "mAP")) -> str:
+    """{(trained on, evaluated on): metrics} -> a Markdown table, one row per training set and one
+    column per evaluation set (in the order first met), each cell "R1 / mAP" in percent; "-" for
+    a pair not evaluated. The diagonal is in-domain, the rest is transfer to an unseen domain."""
+    trained_on = list(dict.fromkeys(train for train, _ in results))
+    evaluated_on = list(dict.fromkeys(evaluated for _, evaluated in results))
+    cells = {pair: " / ".join(f"{values[m]:.2f}" for m in metrics) for pair, values in results.items()}
+    header = [f"{' / '.join(metrics)}: trained on ↓, evaluated on →", *evaluated_on]
+    rows = [[train, *(cells.get((train, evaluated), "-") for evaluated in evaluated_on)] for train in trained_on]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = ["| " + " | ".join(f"{text:{width}}" for text, width in zip(row, widths)) + " |" for row in [header, *rows]]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: what train.py saves, and the models rebuilt from them
 # ------------------------------------------------------------------------------------------------
@@ -519,6 +540,550 @@ def save_retrieval_grid(path: str, query: str, images: list, scores: list[float]
 
 
 # ------------------------------------------------------------------------------------------------
+# Searching a folder of images
+# ------------------------------------------------------------------------------------------------
+# The papers' code ranks a dataset's test split and nothing else. Here any folder is a gallery:
+# every .jpg, .jpeg, .png and .webp under it, of any size, resized exactly as a test image is
+# (data.build_transform), ranked for one or several free-text queries that share one pass over
+# the images. Encoding is the slow part (ViT-B/16 at 384x128 costs about 34 GFLOP per image: a
+# few images a second on a CPU), so the features are cached in one file in --out, stamped with
+# the model that made them and, per file, with its path, size, modification time and
+# status-change time. A later search encodes only the files that are new or whose stamp changed;
+# a file rewritten in place gets a new ctime even when its mtime is put back, so a feature is
+# never served stale. A cache made by another model (another or rewritten checkpoint, another
+# CLIP, input size or stride) is discarded whole; features encoded on another device or at
+# another precision differ by rounding only, so the cache does not tell those apart. Files that
+# cannot be decoded are listed and counted on every search, never skipped silently; the cache
+# remembers them with their stamp, so they are not decoded again until they change.
+
+GALLERY_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # matched case-insensitively
+GALLERY_CACHE_FILE = "gallery_features.pt"               # in --out
+GALLERY_CACHE_FORMAT = 1                                 # bumped whenever the file's layout changes
+UNREADABLE_SHOWN = 20  # unreadable files printed; the full list goes to <out>/unreadable.txt
+
+Stamp = tuple[int, int, int]  # (size in bytes, mtime in ns, ctime in ns) of a file
+
+
+def file_stamp(path: str) -> Stamp:
+    status = os.stat(path)  # follows symbolic links: the stamp is the image's own
+    return (status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+def model_identity(checkpoint: str | None, clip: str, image_size: tuple[int, int], stride: int) -> dict:
+    """What makes the gallery features: the checkpoint file (path and stamp: it holds the method,
+    the backbone, its input size and stride), or for zero-shot CLIP the release name or weight
+    file, the input size and the stride. Two identities are equal only if the features would be."""
+    size = [int(side) for side in image_size]
+    if checkpoint is not None:
+        path = os.path.abspath(checkpoint)
+        return {"checkpoint": path, "stamp": list(file_stamp(path)), "image_size": size}
+    if os.path.isfile(clip):
+        path = os.path.abspath(clip)
+        return {"clip": path, "stamp": list(file_stamp(path)), "image_size": size, "stride": stride}
+    return {"clip": clip, "image_size": size, "stride": stride}  # a release: its hash is checked on load
+
+
+def list_gallery(folder: str) -> tuple[list[str], dict[str, str], int]:
+    """(image files, problems, others) under `folder`, recursively: absolute paths in sorted order,
+    {path: why} for every folder that could not be listed, and the number of other files (not an
+    image by their extension), which are left out."""
+    if not os.path.isdir(folder):
+        raise data.DataError(f"--gallery: no such folder: {folder}")
+    images, problems, others = [], {}, 0
+
+    def note_unlisted(error: OSError) -> None:
+        problems[error.filename] = f"{error.filename}: folder cannot be listed: {error.strerror}"
+
+    for directory, _, files in os.walk(os.path.abspath(folder), onerror=note_unlisted):
+        for name in files:
+            if name.lower().endswith(GALLERY_EXTENSIONS):
+                images.append(os.path.join(directory, name))
+            else:
+                others += 1
+    return sorted(images), problems, others
+
+
+class GalleryImages(torch.utils.data.Dataset):
+    """Gallery files transformed as test images, each with an error message ("" when it was read).
+    A file that cannot be decoded gives a blank image and its message instead of an exception,
+    so that one bad file among thousands is reported rather than ending the pass."""
+
+    def __init__(self, paths: list[str], image_size: tuple[int, int]):
+        self.paths, self.image_size = paths, tuple(image_size)
+        self.transform = data.build_transform(self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(data.load_image(self.paths[i])), ""  # [3, H, W]
+        except data.DataError as error:
+            return torch.zeros(3, *self.image_size), str(error)
+
+
+def encode_gallery_files(model: nn.Module, paths: list[str], image_size: tuple[int, int],
+                         device: torch.device | str, amp_dtype: torch.dtype | None = None, batch_size: int = 256,
+                         workers: int = 0, log_every: int = 20) -> tuple[torch.Tensor, list[str]]:
+    """Image features [N, E] of `paths` (L2-normalised fp32, on the CPU, where the cache keeps
+    them; zeros for a file that could not be read) and one error message per file ("" if read).
+    `amp_dtype` as in extract_features. A progress line goes to stderr every `log_every` batches;
+    the model's mode is restored."""
+    device = torch.device(device)
+    loader = DataLoader(GalleryImages(paths, image_size), batch_size, num_workers=workers)
+    features, messages = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(device, amp_dtype):
+        for batch_index, (images, batch_messages) in enumerate(loader):  # [B, 3, H, W], B strings
+            encoded = model.encode_image(images.to(device, non_blocking=True))  # [B, E]
+            features.append(F.normalize(encoded.float(), dim=-1).cpu())
+            messages.extend(batch_messages)
+            if log_every and (batch_index + 1) % log_every == 0:
+                print(f"  encoded {len(messages):,} of {len(paths):,} gallery images", file=sys.stderr)
+    model.train(was_training)
+    return torch.cat(features), messages
+
+
+class GalleryFeatures:
+    """The features of a gallery's readable files, and its unreadable files with the reason.
+
+    paths[i] (absolute, sorted) has stamps[i] and feature row features[i] ([N, E], L2-normalised
+    fp32 on the CPU); unreadable maps a path to (stamp, message). This is also the cache file's
+    content, with the identity of the model that made the features.
+    """
+
+    def __init__(self, paths: list[str], stamps: list[Stamp], features: torch.Tensor,
+                 unreadable: dict[str, tuple[Stamp, str]]):
+        self.paths, self.stamps, self.features, self.unreadable = paths, stamps, features, unreadable
+
+    def save(self, path: str, identity: dict) -> None:
+        unreadable = sorted(self.unreadable.items())
+        content = {"format": GALLERY_CACHE_FORMAT, "model": identity, "paths": self.paths,
+                   "stamps": torch.tensor(self.stamps, dtype=torch.long).view(-1, 3),  # [N, 3]
+                   "features": self.features,                                          # [N, E]
+                   "unreadable_paths": [p for p, _ in unreadable],
+                   "unreadable_stamps": torch.tensor([s for _, (s, _) in unreadable], dtype=torch.long).view(-1, 3),
+                   "unreadable_messages": [m for _, (_, m) in unreadable]}
+        temporary = f"{path}.tmp{os.getpid()}"
+        torch.save(content, temporary)
+        os.replace(temporary, path)  # atomic: an interrupted save leaves the old cache, not a broken one
+
+    @classmethod
+    def load(cls, path: str, identity: dict) -> "GalleryFeatures | None":
+        """The cache at `path` if it was made by the model `identity`, else None (a cache that is
+        missing, of another model or another format, or damaged, is simply rebuilt)."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+            if content.get("format") != GALLERY_CACHE_FORMAT or content.get("model") != identity:
+                return None
+            stamps = [tuple(s) for s in content["stamps"].tolist()]
+            unreadable = {p: (tuple(s), m) for p, s, m in zip(content["unreadable_paths"],
+                                                               content["unreadable_stamps"].tolist(),
+                                                               content["unreadable_messages"])}
+            return cls(content["paths"], stamps, content["features"], unreadable)
+        except Exception as error:  # unpickling errors come in many types; the cache is only a cache
+            print(f"  ignoring the damaged gallery cache {path} ({error})", file=sys.stderr)
+            return None
+
+
+def update_gallery(cached: GalleryFeatures | None, files: dict[str, Stamp],
+                   encode: Callable[[list[str]], tuple[torch.Tensor, list[str]]]) -> tuple[GalleryFeatures, int]:
+    """The features of `files` ({path: stamp}, sorted): taken from `cached` where the path is
+    there with the same stamp, encoded with `encode(paths) -> (features [n, E], messages)` where
+    it is not. Returns them and the number of files encoded. Files gone from disk are dropped."""
+    cached = cached or GalleryFeatures([], [], torch.zeros(0, 0), {})
+    cached_row = {path: row for row, path in enumerate(cached.paths)}
+    from_cache: list[tuple[str, int]] = []   # (path, row in cached.features)
+    to_encode: list[str] = []
+    unreadable: dict[str, tuple[Stamp, str]] = {}
+    for path, stamp in files.items():
+        row = cached_row.get(path)
+        if row is not None and cached.stamps[row] == stamp:
+            from_cache.append((path, row))
+        elif path in cached.unreadable and cached.unreadable[path][0] == stamp:
+            unreadable[path] = cached.unreadable[path]
+        else:
+            to_encode.append(path)
+    new_features, messages = encode(to_encode) if to_encode else (torch.zeros(0, 0), [])
+    encoded = [(path, row) for row, (path, message) in enumerate(zip(to_encode, messages)) if not message]
+    unreadable.update((path, (files[path], message)) for path, message in zip(to_encode, messages) if message)
+
+    # The rows kept from the cache, then the new ones, put in path order in one gather.
+    kept_paths = [path for path, _ in from_cache] + [path for path, _ in encoded]
+    pieces = [source[[row for _, row in rows]] for source, rows in ((cached.features, from_cache),
+                                                                    (new_features, encoded)) if rows]
+    order = sorted(range(len(kept_paths)), key=kept_paths.__getitem__)
+    features = torch.cat(pieces)[order] if pieces else torch.zeros(0, 0)          # [N, E]
+    gallery = GalleryFeatures([kept_paths[i] for i in order], [files[kept_paths[i]] for i in order],
+                              features, dict(sorted(unreadable.items())))
+    return gallery, len(to_encode)
+
+
+def search_gallery(model: nn.Module, queries: list[str], gallery: GalleryFeatures, topk: int,
+                   device: torch.device | str, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [Q, k], gallery rows [Q, k]) of the k best images for each query, best first: cosine
+    similarity of the normalised text and image features."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(torch.device(device), amp_dtype):
+        ids = clip_min.tokenize(queries, truncate=True).to(device)                # [Q, 77]
+        query_features = F.normalize(model.encode_text(ids).float(), dim=-1).cpu()  # [Q, E]
+    model.train(was_training)
+    return (query_features @ gallery.features.T).topk(min(topk, len(gallery.paths)), dim=1)  # [Q, N] -> [Q, k]
+
+
+def report_unreadable(unreadable: dict[str, tuple[Stamp, str]], out: str) -> None:
+    """Every unreadable file is counted and listed: the first few on stderr, all of them in a file."""
+    listing = os.path.join(out, "unreadable.txt")
+    if not unreadable:
+        if os.path.exists(listing):
+            os.remove(listing)  # a list from an earlier search would now be wrong
+        return
+    with open(listing, "w") as file:
+        file.writelines(f"{message}\n" for _, message in unreadable.values())
+    print(f"{len(unreadable):,} unreadable file(s), left out of the ranking (all listed in {listing}):", file=sys.stderr)
+    for _, message in list(unreadable.values())[:UNREADABLE_SHOWN]:
+        print(f"  {message}", file=sys.stderr)
+    if len(unreadable) > UNREADABLE_SHOWN:
+        print(f"  ... and {len(unreadable) - UNREADABLE_SHOWN:,} more", file=sys.stderr)
+
+
+def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: tuple[int, int]) -> int:
+    """`--gallery DIR --query TEXT [--query TEXT ...]`: rank the folder's images for each query,
+    print the best --topk with their scores and draw them (<out>/search.png, or search_N.png)."""
+    start = time.perf_counter()
+    queries, image_size = args.query, tuple(image_size)
+    amp_dtype = autocast_dtype(args.precision, args.device)
+    paths, unlisted, others = list_gallery(args.gallery)
+    files: dict[str, Stamp] = {}
+    unreadable: dict[str, tuple[Stamp, str]] = {folder: ((0, 0, 0), why) for folder, why in unlisted.items()}
+    for path in paths:
+        try:
+            files[path] = file_stamp(path)
+        except OSError as error:  # a dangling link, or a file deleted meanwhile
+            unreadable[path] = ((0, 0, 0), f"{path}: cannot be read: {error.strerror}")
+
+    os.makedirs(args.out, exist_ok=True)
+    cache_path = os.path.join(args.out, GALLERY_CACHE_FILE)
+    identity = model_identity(args.checkpoint, args.clip, image_size, args.stride or 16)
+    cached = GalleryFeatures.load(cache_path, identity)
+
+    def encode(paths_to_encode: list[str]) -> tuple[torch.Tensor, list[str]]:
+        return encode_gallery_files(model, paths_to_encode, image_size, args.device, amp_dtype,
+                                    args.batch_size, args.workers)
+
+    gallery, num_encoded = update_gallery(cached, files, encode)
+    if num_encoded or cached is None or cached.paths != gallery.paths or cached.unreadable != gallery.unreadable:
+        gallery.save(cache_path, identity)
+    unreadable.update(gallery.unreadable)
+    print(f"{args.gallery}: {len(files):,} image files, {len(files) - num_encoded:,} from the cache {cache_path} "
+          f"and {num_encoded:,} decoded now; {len(gallery.paths):,} ranked, {len(unreadable):,} unreadable; "
+          f"{others:,} other files left out (not {'/'.join(GALLERY_EXTENSIONS)})")
+    report_unreadable(unreadable, args.out)
+    if not gallery.paths:
+        raise data.DataError(f"--gallery: no readable image under {args.gallery}")
+
+    scores, rows = search_gallery(model, queries, gallery, args.topk, args.device, amp_dtype)  # [Q, k], [Q, k]
+    for number, (query, query_scores, query_rows) in enumerate(zip(queries, scores.tolist(), rows.tolist()), start=1):
+        found = [gallery.paths[row] for row in query_rows]
+        print(f'\n"{query}": the {len(found)} best of {len(gallery.paths):,}')
+        for rank, (score, path) in enumerate(zip(query_scores, found), start=1):
+            print(f"  {rank:3d}  {score:.4f}  {path}")
+        picture = os.path.join(args.out, "search.png" if len(queries) == 1 else f"search_{number}.png")
+        save_retrieval_grid(picture, query, found, query_scores)
+        print(f"wrote {picture}")
+    print(f"\n{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} over {len(gallery.paths):,} images "
+          f"in {time.perf_counter() - start:.2f} s, the model already loaded")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# DM-Adapter's routing
+# ------------------------------------------------------------------------------------------------
+# DM-Adapter's Domain-Aware Router is meant to spread tokens over experts that specialise, and
+# its load-balancing loss to keep all of them in use. One picture shows what a trained model's
+# routers do. (1) For each block of each tower, the share of the top-k picks that each expert
+# receives over a whole split: a row near 100/E % everywhere means every expert stays in use; a
+# row with one dark blue cell and pale red ones means that block's router collapsed onto one
+# expert. (2) For one caption, the experts each token picks at each text block: whether words of
+# one kind (colours, garments) share experts, and how the choice changes with depth.
+#
+# The routers are read with forward hooks on each MixtureOfAdapters' `router` module, whose
+# output is the logits [T, E] of the T = B * L tokens flattened, so dm_adapter.py stays as it is;
+# the picks are the top-k of those logits, exactly as MixtureOfAdapters.route takes them.
+#
+# Padding: every text token is routed, padding included (and it counts in the load-balancing
+# loss, as the authors do). The heatmap leaves it out: under the causal mask a token after EOT
+# never reaches the text feature, which is read at EOT, and with 77 slots for a caption of 20 to
+# 60 tokens the padding would otherwise make up most of the text tower's picks and hide what the
+# words do. `routing_shares(..., include_padding=True)` counts it. Image tokens all count.
+
+ROUTING_CELL = (22, 46)          # (height, width) of a heatmap cell, in pixels
+ROUTING_PADDING = 12
+MORE_COLOUR = (40, 90, 200)      # an expert given twice the even share or more
+FEWER_COLOUR = (215, 50, 40)     # an expert given no token at all
+CAPTION_TOKENS_SHOWN = 40        # tokens of the example caption drawn (a column each)
+TOKEN_GAP = 4                    # pixels between the tokens' columns
+
+
+class RoutingRecorder:
+    """Counts, per block of each tower of a DMAdapter, how many tokens pick each expert (its top-k).
+
+    Used as a context manager; the hooks are removed on exit. Before each text batch set
+    `token_mask` ([B, L] bool, the tokens that count; None: all count). Set `choices` to {} to
+    also keep every block's picks: choices[tower][block] = expert ids [T, k], best first.
+    """
+
+    def __init__(self, model: dm_adapter.DMAdapter):
+        towers = {"image": model.vision_adapters, "text": model.text_adapters}
+        device = next(model.parameters()).device
+        self.top_k = model.vision_adapters[0].top_k
+        self.num_experts = len(model.vision_adapters[0].experts)
+        self.counts = {tower: torch.zeros(len(mixtures), self.num_experts, dtype=torch.long, device=device)
+                       for tower, mixtures in towers.items()}                   # [blocks, E] each
+        self.token_mask: torch.Tensor | None = None
+        self.choices: dict[str, dict[int, torch.Tensor]] | None = None
+        self.handles = [mixture.router.register_forward_hook(functools.partial(self._record, tower, block))
+                        for tower, mixtures in towers.items() for block, mixture in enumerate(mixtures)]
+
+    def _record(self, tower: str, block: int, router: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
+        chosen = logits.float().topk(self.top_k, dim=-1).indices                # [T, k], as route() takes them
+        picks = F.one_hot(chosen, self.num_experts).sum(dim=1)                  # [T, E], k ones per token
+        if tower == "text" and self.token_mask is not None:
+            if self.token_mask.numel() != len(picks):
+                raise ValueError(f"a text mask of {self.token_mask.numel()} tokens for {len(picks)} routed ones")
+            picks = picks * self.token_mask.reshape(-1, 1)                      # [T, E], without a host sync
+        self.counts[tower][block] += picks.sum(dim=0)                           # [E]
+        if self.choices is not None:
+            self.choices.setdefault(tower, {})[block] = chosen
+
+    def __enter__(self) -> "RoutingRecorder":
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def text_token_mask(ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids -> [B, L] bool: SOT, the caption's tokens and EOT; False for the padding after EOT."""
+    positions = torch.arange(ids.shape[1], device=ids.device)                   # [L]
+    return positions <= ids.argmax(dim=-1, keepdim=True)                       # EOT has the largest id
+
+
+def routing_shares(model: dm_adapter.DMAdapter, split: data.EvalSplit, image_size: tuple[int, int],
+                   device: torch.device | str, amp_dtype: torch.dtype | None = None, batch_size: int = 256,
+                   workers: int = 0, include_padding: bool = False) -> dict[str, torch.Tensor]:
+    """{"image": [blocks, E], "text": [blocks, E]}: the percent of each block's top-k picks that
+    went to each expert over the split's images and captions (each row sums to 100). `amp_dtype`
+    as in extract_features."""
+    device = torch.device(device)
+    image_loader, caption_loader = data.eval_loaders(split, tuple(image_size), batch_size, workers)
+    was_training = model.training
+    model.eval()
+    with RoutingRecorder(model) as recorder, torch.no_grad(), autocast(device, amp_dtype):
+        for images in image_loader:                                              # [B, 3, H, W]
+            model.encode_image(images.to(device))
+        for ids in caption_loader:                                               # [B, L]
+            ids = ids.to(device)
+            recorder.token_mask = None if include_padding else text_token_mask(ids)
+            model.encode_text(ids)
+    model.train(was_training)
+    return {tower: 100 * counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+            for tower, counts in recorder.counts.items()}
+
+
+def token_labels(ids: torch.Tensor) -> list[str]:
+    """The BPE tokens of one tokenized caption [L], SOT to EOT, as short readable labels."""
+    tokenizer = clip_min.default_tokenizer()
+    labels = []
+    for token in ids[: int(ids.argmax()) + 1].tolist():
+        labels.append({clip_min.SOT_TOKEN: "SOT", clip_min.EOT_TOKEN: "EOT"}.get(token) or tokenizer.decode([token]))
+    return labels
+
+
+def caption_routing(model: dm_adapter.DMAdapter, caption: str, device: torch.device | str,
+                    amp_dtype: torch.dtype | None = None) -> tuple[list[str], torch.Tensor]:
+    """(token labels [n], experts [blocks, n, k]): the top-k experts each token of `caption` (SOT to
+    EOT) picks at each block of the text tower, the one with the larger weight first."""
+    ids = clip_min.tokenize(caption, truncate=True).to(device)                 # [1, L]
+    was_training = model.training
+    model.eval()
+    with RoutingRecorder(model) as recorder, torch.no_grad(), autocast(torch.device(device), amp_dtype):
+        recorder.choices = {}
+        model.encode_text(ids)
+    model.train(was_training)
+    labels = token_labels(ids[0].cpu())
+    blocks = recorder.choices["text"]
+    return labels, torch.stack([blocks[b][: len(labels)] for b in sorted(blocks)]).cpu()  # [blocks, n, k]
+
+
+def _share_colour(share: float, even: float) -> tuple[int, int, int]:
+    """White at the even share; towards blue above it (full at twice), towards red below (full at 0)."""
+    t = max(-1.0, min(1.0, (share - even) / even))
+    target = MORE_COLOUR if t > 0 else FEWER_COLOUR
+    return tuple(round(255 + (channel - 255) * abs(t)) for channel in target)
+
+
+def _expert_colours(num_experts: int) -> list[tuple[int, int, int]]:
+    """Pale, evenly spaced hues: black numbers stay readable on every one."""
+    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(e / num_experts, 0.35, 0.97)) for e in range(num_experts)]
+
+
+class _Canvas:
+    """A white picture grown downwards as panels are added: text lines and pasted images."""
+
+    def __init__(self) -> None:
+        self.font = ImageFont.load_default()
+        self.draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        _, top, _, bottom = self.draw.textbbox((0, 0), "Ag", font=self.font)
+        self.line_height = bottom - top + 6
+        self.parts: list[Image.Image] = []
+
+    def width_of(self, text: str) -> float:
+        """Pixels that `text` takes when drawn by `write` (words apart by the grid's word gap)."""
+        words = text.split()
+        return (sum(self.draw.textlength(word, font=self.font) for word in words)
+                + max(0, len(words) - 1) * _word_gap(self.font, self.draw))
+
+    def write(self, draw: ImageDraw.ImageDraw, x: float, y: float, text: str, fill: str = "black") -> None:
+        """Text drawn word by word: the built-in font's 2-pixel space runs words together."""
+        gap = _word_gap(self.font, draw)
+        for word in text.split():
+            draw.text((x, y), word, fill=fill, font=self.font)
+            x += draw.textlength(word, font=self.font) + gap
+
+    def new(self, width: int, height: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+        image = Image.new("RGB", (int(width), int(height)), "white")
+        return image, ImageDraw.Draw(image)
+
+    def text(self, lines: list[str]) -> None:
+        image, draw = self.new(max(self.width_of(line) for line in lines) + 1, len(lines) * self.line_height)
+        for number, line in enumerate(lines):
+            self.write(draw, 0, number * self.line_height, line)
+        self.parts.append(image)
+
+    def save(self, path: str) -> None:
+        width = max(part.width for part in self.parts) + 2 * ROUTING_PADDING
+        height = sum(part.height for part in self.parts) + (len(self.parts) + 1) * ROUTING_PADDING
+        picture, _ = self.new(width, height)
+        y = ROUTING_PADDING
+        for part in self.parts:
+            picture.paste(part, (ROUTING_PADDING, y))
+            y += part.height + ROUTING_PADDING
+        picture.save(path, format="PNG")
+
+
+def _heatmap(canvas: _Canvas, title: str, shares: torch.Tensor) -> Image.Image:
+    """One tower's [blocks, E] percentages as coloured cells with their numbers; blocks downwards."""
+    cell_height, cell_width = ROUTING_CELL
+    num_blocks, num_experts = shares.shape
+    even = 100 / num_experts
+    label_width = canvas.width_of(f"block {num_blocks - 1}") + 8
+    header = 2 * canvas.line_height
+    image, draw = canvas.new(max(label_width + num_experts * cell_width, canvas.width_of(title)) + 1,
+                             header + num_blocks * cell_height + 1)
+    canvas.write(draw, 0, 0, title)
+    for e in range(num_experts):
+        label = f"e{e}"
+        draw.text((label_width + e * cell_width + (cell_width - canvas.width_of(label)) / 2, canvas.line_height),
+                  label, fill="black", font=canvas.font)
+    for block in range(num_blocks):
+        y = header + block * cell_height
+        canvas.write(draw, 0, y + 4, f"block {block}")
+        for e in range(num_experts):
+            share = float(shares[block, e])
+            x = label_width + e * cell_width
+            draw.rectangle((x, y, x + cell_width, y + cell_height), fill=_share_colour(share, even), outline="white")
+            number = f"{share:.1f}"
+            dark = abs(share - even) / even > 0.6
+            draw.text((x + (cell_width - canvas.width_of(number)) / 2, y + 4), number,
+                      fill="white" if dark else "black", font=canvas.font)
+    return image
+
+
+def _caption_grid(canvas: _Canvas, labels: list[str], experts: torch.Tensor, num_experts: int) -> Image.Image:
+    """[blocks, n, k] picks: a column per token, a row per block, each cell split into k stripes
+    coloured by the expert picked (its number on it), the larger weight on the left."""
+    num_blocks, num_tokens, top_k = experts.shape
+    colours = _expert_colours(num_experts)
+    cell_height = ROUTING_CELL[0]
+    widths = [max(canvas.width_of(label), canvas.width_of("0 " * top_k)) + 8 + TOKEN_GAP for label in labels]
+    lefts = [sum(widths[:i]) for i in range(num_tokens)]
+    label_width = canvas.width_of(f"block {num_blocks - 1}") + 8
+    header = canvas.line_height
+    image, draw = canvas.new(label_width + sum(widths) + 1, header + num_blocks * cell_height + 1)
+    for label, left, width in zip(labels, lefts, widths):
+        draw.text((label_width + left + (width - TOKEN_GAP - canvas.width_of(label)) / 2, 0), label,
+                  fill="black", font=canvas.font)
+    for block in range(num_blocks):
+        y = header + block * cell_height
+        canvas.write(draw, 0, y + 4, f"block {block}")
+        for token, (left, width) in enumerate(zip(lefts, widths)):
+            stripe = (width - TOKEN_GAP) / top_k  # a white gap after each token's k stripes
+            for slot, expert in enumerate(experts[block, token].tolist()):
+                x = label_width + left + slot * stripe
+                draw.rectangle((x, y, x + stripe, y + cell_height), fill=colours[expert], outline="white")
+                draw.text((x + (stripe - canvas.width_of(str(expert))) / 2, y + 4), str(expert),
+                          fill="black", font=canvas.font)
+    return image
+
+
+def save_routing_picture(path: str, shares: dict[str, torch.Tensor], caption: str, labels: list[str],
+                         experts: torch.Tensor, title: str) -> None:
+    """Write the PNG: the title, the two towers' heatmaps side by side with their legend, then the
+    example caption's picks ([blocks, n, k], at most CAPTION_TOKENS_SHOWN tokens drawn)."""
+    canvas = _Canvas()
+    num_experts = shares["image"].shape[1]
+    top_k = experts.shape[2]
+    canvas.text([title])
+    maps = [_heatmap(canvas, f"{tower} tower: % of each block's top-{top_k} picks per expert", tower_shares)
+            for tower, tower_shares in shares.items()]
+    side_by_side, _ = canvas.new(sum(m.width for m in maps) + 3 * ROUTING_PADDING * (len(maps) - 1),
+                                 max(m.height for m in maps))
+    x = 0
+    for heatmap in maps:
+        side_by_side.paste(heatmap, (x, 0))
+        x += heatmap.width + 3 * ROUTING_PADDING
+    canvas.parts.append(side_by_side)
+    canvas.text([f"white: the even share, {100 / num_experts:.1f} %; bluer: more picks (full blue at twice that); "
+                 "redder: fewer (full red at none)."])
+    shown = labels[:CAPTION_TOKENS_SHOWN]
+    cut = f" (first {len(shown)} of {len(labels)} tokens)" if len(labels) > len(shown) else ""
+    canvas.text([" ".join(words) for words in _wrap_to_width(f'one caption: "{caption}"', canvas.font, canvas.draw, 900)]
+                + [f"the {top_k} experts each token picks at each text block{cut}: left the larger weight, "
+                   "colour = expert"])
+    canvas.parts.append(_caption_grid(canvas, shown, experts[:, : len(shown)], num_experts))
+    canvas.save(path)
+
+
+def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSplit,
+                 image_size: tuple[int, int], split_name: str) -> int:
+    """`--routing`: draw a DM-Adapter checkpoint's routing on the evaluated split (<out>/routing.png)."""
+    if not isinstance(model, dm_adapter.DMAdapter):
+        raise CheckpointError("--routing draws DM-Adapter's routers: it needs a checkpoint of method dm_adapter")
+    amp_dtype = autocast_dtype(args.precision, args.device)
+    shares = routing_shares(model, split, tuple(image_size), args.device, amp_dtype, args.batch_size, args.workers)
+    caption = args.routing_caption or split.captions[0]
+    labels, experts = caption_routing(model, caption, args.device, amp_dtype)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "routing.png")
+    title = (f"DM-Adapter routing on {split_name}: {len(split.image_paths):,} images, {len(split.captions):,} "
+             f"captions (text padding not counted); {args.checkpoint}")
+    save_routing_picture(path, shares, caption, labels, experts, title)
+    num_experts = shares["image"].shape[1]
+    for tower, tower_shares in shares.items():
+        block, expert = divmod(int(tower_shares.argmin()), num_experts)
+        print(f"{tower} tower: each expert gets {float(tower_shares.min()):.1f} to {float(tower_shares.max()):.1f} % "
+              f"of a block's picks (even: {100 / num_experts:.1f} %); fewest: block {block}, expert {expert}")
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
@@ -584,24 +1149,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=number(int, minimum=1), default=256, help="images or captions per batch")
     parser.add_argument("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1),
                         help="image-loading processes")
-    parser.add_argument("--query", help="a free-text query: draw its best-matching gallery images")
+    parser.add_argument("--query", action="append",
+                        help="a free-text query: draw its best-matching gallery images (repeat for several)")
     parser.add_argument("--topk", type=number(int, minimum=1), default=10, help="images per picture")
     parser.add_argument("--save-examples", type=number(int, minimum=0), default=0, metavar="N",
                         help="draw the results of N test queries (green: right identity, red: wrong)")
     parser.add_argument("--out", default="retrieval", help="folder for the pictures (made only to hold one)")
+    search = parser.add_argument_group("searching a folder of images")
+    search.add_argument("--gallery", metavar="DIR",
+                        help="rank every .jpg/.jpeg/.png/.webp under DIR (recursively) for each --query, "
+                        f"instead of a dataset split; features are cached in --out/{GALLERY_CACHE_FILE}")
+    routing = parser.add_argument_group("DM-Adapter's routing")
+    routing.add_argument("--routing", action="store_true",
+                         help="draw which experts a dm_adapter checkpoint's routers pick on the split "
+                         "(<out>/routing.png) instead of evaluating it")
+    routing.add_argument("--routing-caption", metavar="TEXT",
+                         help="the caption whose per-token picks are drawn; if not given, the split's first")
     args = parser.parse_args(argv)
     if args.checkpoint and (args.image_size or args.stride):
         parser.error("argument --image-size/--stride: a checkpoint is evaluated at the size and stride it was "
                      "trained with; these flags go with --method clip")
-    if args.method == "clip" and args.data is None:
+    if args.method == "clip" and args.data is None and not args.gallery:
         parser.error("argument --data: --method clip needs a dataset")
     try:
         args.device = pick_device(args.device)
     except ValueError as error:
         parser.error(f"argument --device: {error}")
-    if args.query is not None and not args.query.strip():
+    if args.query is not None and not all(query.strip() for query in args.query):
         parser.error("argument --query: the query is empty")
-    if args.query or args.save_examples:
+    if args.gallery and not args.query:
+        parser.error("argument --gallery: needs at least one --query")
+    if args.query or args.save_examples or args.routing:
         check_output_folder(parser, "--out", args.out)
     return args
 
@@ -618,10 +1196,14 @@ def main(argv: list[str] | None = None) -> int:
             image_size = tuple(args.image_size or (384, 128))
             clip_model = clip_min.load(args.clip, image_size, args.stride or 16, args.device)
             model, name, dataset_name = build_method("clip", clip_model, {}), f"{args.clip} zero-shot", args.data
+        if args.gallery:
+            return search_folder_main(args, model, image_size)
         dataset = data.load_dataset(dataset_name, args.root)
         split = dataset.val if args.split == "val" else dataset.test
         if split is None:
             raise data.DataError(f"{dataset_name} has no val split")
+        if args.routing:
+            return routing_main(args, model, split, image_size, f"{dataset_name} {args.split}")
         image_loader, caption_loader = data.eval_loaders(split, image_size, args.batch_size, args.workers)
         image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
@@ -634,12 +1216,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.query:
             os.makedirs(args.out, exist_ok=True)
             with torch.no_grad(), autocast(args.device, amp_dtype):
-                query_ids = clip_min.tokenize(args.query, truncate=True).to(args.device)  # [1, 77]
-                query = F.normalize(model.encode_text(query_ids).float(), dim=-1)     # [1, E]
-            scores, indices = (query @ image_features.T)[0].topk(topk)
-            path = os.path.join(args.out, "query.png")
-            save_retrieval_grid(path, args.query, [split.image_paths[i] for i in indices.tolist()], scores.tolist())
-            print(f"wrote {path}")
+                query_ids = clip_min.tokenize(args.query, truncate=True).to(args.device)  # [Q, 77]
+                queries = F.normalize(model.encode_text(query_ids).float(), dim=-1)   # [Q, E]
+            for number, (query_text, query) in enumerate(zip(args.query, queries), start=1):
+                scores, indices = (query @ image_features.T).topk(topk)                # [G] -> [k]
+                path = os.path.join(args.out, "query.png" if len(args.query) == 1 else f"query_{number}.png")
+                save_retrieval_grid(path, query_text, [split.image_paths[i] for i in indices.tolist()], scores.tolist())
+                print(f"wrote {path}")
         if args.save_examples:
             os.makedirs(args.out, exist_ok=True)
             # Evenly spread over the split, so that the pictures are a fair sample, not the easiest.

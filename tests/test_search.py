@@ -1,0 +1,350 @@
+"""evaluate.py beyond a split's table: searching a folder of images (with its feature cache),
+DM-Adapter's routing drawn as a picture, and cross-dataset evaluation between the two demo sets.
+
+One tiny DM-Adapter is trained briefly by train.py on each demo set (drawn at a tiny size); the
+search and routing tests use the one trained on `demo`."""
+
+import dataclasses
+import os
+import re
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_min
+import data
+import dm_adapter
+import evaluate
+import train
+
+TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
+                           vision_layers=2, text_width=64, text_layers=2)
+IMAGE_SIZE = ["32", "16"]
+# Test splits of different sizes, so that an evaluation shows which set it ran on.
+TINY_DEMO = {"demo": dict(train_ids=8, val_ids=2, test_ids=4, images_per_id=2),
+             "demo-pretrain": dict(train_ids=8, test_ids=3, images_per_id=2)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """root (the two demo sets, tiny), clip (a random tiny CLIP file), checkpoint[set] (a
+    DM-Adapter trained on that set for one epoch)."""
+    root = tmp_path_factory.mktemp("data")
+    torch.manual_seed(0)
+    clip_path = root / "tiny-clip.pt"
+    torch.save(clip_min.CLIP(TINY).state_dict(), clip_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "DEMO_SIZES", {name: dataclasses.replace(data.DEMO_SIZES[name], **size)
+                                           for name, size in TINY_DEMO.items()})
+        checkpoints = {}
+        for name in TINY_DEMO:
+            out = root / f"run-{name}"
+            assert train.main(["--method", "dm_adapter", "--data", name, "--root", str(root), "--clip", str(clip_path),
+                               "--image-size", *IMAGE_SIZE, "--stride", "8", "--epochs", "1", "--warmup-epochs", "0",
+                               "--batch-size", "16", "--lr", "1e-3", "--workers", "0", "--out", str(out)]) == 0
+            checkpoints[name] = str(out / "best.pt")
+        yield types.SimpleNamespace(root=str(root), clip=str(clip_path), checkpoint=checkpoints)
+
+
+# -----------------------------------------------------------------------------
+# Searching a folder of images
+
+
+def write_image(path, size, seed, mode="RGB", **save_options):
+    """Random pixels of `size` (W, H) in `mode`, saved in the format the extension names."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path, **save_options)
+
+
+def make_gallery(folder):
+    """Every accepted extension, any case, nested folders, odd sizes and modes; one broken file and
+    one that is not an image."""
+    write_image(folder / "a.jpg", (40, 20), seed=1)
+    write_image(folder / "sub" / "b.PNG", (17, 33), seed=2, mode="RGBA")
+    write_image(folder / "sub" / "deeper" / "c.webp", (100, 50), seed=3)
+    write_image(folder / "d.jpeg", (8, 8), seed=4, mode="L")
+    # Uncompressed, so that a rewrite with other pixels has exactly the same size.
+    write_image(folder / "sub" / "e.png", (12, 10), seed=5, compress_level=0)
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    (folder / "notes.txt").write_text("not an image")
+
+
+def expected_ranking(model, folder, queries, topk):
+    """The same search done directly: every readable image through the test transform and the model."""
+    paths = sorted(os.path.join(d, n) for d, _, files in os.walk(folder) for n in files
+                   if n.lower().endswith((".jpg", ".jpeg", ".png", ".webp")) and n != "broken.jpg")
+    transform = data.build_transform(TINY.image_size)
+    with torch.no_grad():
+        images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])      # [N, 3, H, W]
+        image_features = F.normalize(model.encode_image(images), dim=-1)                    # [N, E]
+        text_features = F.normalize(model.encode_text(clip_min.tokenize(queries)), dim=-1)  # [Q, E]
+    scores, rows = (text_features @ image_features.T).topk(topk, dim=1)
+    return [[(paths[r], s) for r, s in zip(row, score)] for row, score in zip(rows.tolist(), scores.tolist())]
+
+
+def printed_ranking(stdout):
+    """[[(path, score), ...] per query] from the lines '  rank  score  path'."""
+    blocks = stdout.split('\n"')[1:]
+    return [[(m[3], float(m[2])) for m in re.finditer(r"^ +(\d+)  (-?\d\.\d{4})  (.+)$", block, re.M)] for block in blocks]
+
+
+def assert_same_ranking(printed, expected):
+    assert [[path for path, _ in query] for query in printed] == [[path for path, _ in query] for query in expected]
+    for printed_query, expected_query in zip(printed, expected):
+        for (_, printed_score), (_, expected_score) in zip(printed_query, expected_query):
+            assert printed_score == pytest.approx(expected_score, abs=1.5e-4)
+
+
+QUERIES = ["a man in a red shirt and black trousers", "a woman with a blue skirt"]
+
+
+def test_search_a_folder_caches_features_and_reencodes_only_what_changed(runs, tmp_path, monkeypatch, capsys):
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    make_gallery(folder)
+    command = ["--checkpoint", runs.checkpoint["demo"], "--gallery", str(folder), "--out", str(out), "--topk", "3",
+               "--workers", "0", "--query", QUERIES[0], "--query", QUERIES[1]]
+    encoded = []  # the paths of each call that encodes images
+    encode = evaluate.encode_gallery_files
+    monkeypatch.setattr(evaluate, "encode_gallery_files", lambda model, paths, *a: encoded.append(paths) or encode(model, paths, *a))
+    model, _ = evaluate.load_checkpoint(runs.checkpoint["demo"])
+
+    # First search: every file decoded in one pass shared by both queries.
+    assert evaluate.main(command) == 0
+    printed = capsys.readouterr()
+    assert len(encoded) == 1 and len(encoded[0]) == 6
+    assert "6 image files, 0 from the cache" in printed.out and "6 decoded now; 5 ranked, 1 unreadable; 1 other" in printed.out
+    broken = os.path.join(str(folder), "broken.jpg")
+    assert "1 unreadable file(s)" in printed.err and f"{broken}: unreadable image" in printed.err
+    assert (out / "unreadable.txt").read_text().startswith(f"{broken}: unreadable image")
+    assert_same_ranking(printed_ranking(printed.out), expected_ranking(model, folder, QUERIES, 3))
+    for name in ["search_1.png", "search_2.png"]:
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG"
+    assert os.listdir(out).count(evaluate.GALLERY_CACHE_FILE) == 1
+
+    # Second search: no gallery image is decoded (only the few drawn in the pictures), and the
+    # broken file is still counted and listed.
+    def no_decoding(self, i):
+        raise AssertionError(f"{self.paths[i]} was decoded again")
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate.GalleryImages, "__getitem__", no_decoding)
+        assert evaluate.main(command) == 0
+    again = capsys.readouterr()
+    assert len(encoded) == 1 and "6 image files, 6 from the cache" in again.out and "0 decoded now; 5 ranked, 1 unreadable" in again.out
+    assert f"{broken}: unreadable image" in again.err
+    assert printed_ranking(again.out) == printed_ranking(printed.out)
+
+    # Changes: e.png rewritten with other pixels, same size, its mtime put back; a new file; one
+    # deleted; the broken one repaired. Only the rewritten, new and repaired files are encoded.
+    changed = folder / "sub" / "e.png"
+    before = os.stat(changed)
+    write_image(changed, (12, 10), seed=50, compress_level=0)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(changed).st_size == before.st_size and os.stat(changed).st_mtime_ns == before.st_mtime_ns
+    write_image(folder / "sub" / "f.png", (30, 30), seed=6)
+    os.remove(folder / "d.jpeg")
+    write_image(folder / "broken.jpg", (20, 40), seed=7)
+    assert evaluate.main(command) == 0
+    third = capsys.readouterr()
+    assert sorted(encoded[1]) == sorted([str(changed), str(folder / "sub" / "f.png"), broken])
+    assert "6 image files, 3 from the cache" in third.out and "3 decoded now; 6 ranked, 0 unreadable" in third.out
+    assert not (out / "unreadable.txt").exists()
+    assert_same_ranking(printed_ranking(third.out), expected_ranking(model, folder, QUERIES, 3))
+
+
+def test_search_with_zero_shot_clip_and_a_changed_model_reencodes_everything(runs, tmp_path, capsys):
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    make_gallery(folder)
+    clip_command = ["--method", "clip", "--clip", runs.clip, "--image-size", *IMAGE_SIZE, "--stride", "8",
+                    "--gallery", str(folder), "--out", str(out), "--query", QUERIES[0], "--topk", "4", "--workers", "0"]
+    assert evaluate.main(clip_command) == 0
+    printed = capsys.readouterr().out
+    clip_model = evaluate.build_method("clip", clip_min.load(runs.clip, TINY.image_size, 8), {})
+    assert_same_ranking(printed_ranking(printed), expected_ranking(clip_model, folder, QUERIES[:1], 4))
+    assert (out / "search.png").exists()
+
+    # The same cache file, another model (another CLIP file, a checkpoint): nothing may be served
+    # from the cache until the same model asks again.
+    other_clip = tmp_path / "other-clip.pt"
+    other_clip.write_bytes(open(runs.clip, "rb").read())
+    other_clip_command = [*clip_command[:3], str(other_clip), *clip_command[4:]]
+    checkpoint_command = ["--checkpoint", runs.checkpoint["demo"], *clip_command[9:]]
+    for command, from_cache in [(clip_command, 6), (other_clip_command, 0), (other_clip_command, 6),
+                                (checkpoint_command, 0), (checkpoint_command, 6)]:
+        assert evaluate.main(command) == 0
+        assert f"6 image files, {from_cache} from the cache" in capsys.readouterr().out
+
+
+def test_model_identity_changes_with_the_checkpoint_file_and_the_input(runs, tmp_path):
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(open(runs.checkpoint["demo"], "rb").read())
+    identity = evaluate.model_identity(str(checkpoint), "ViT-B/16", (32, 16), 16)
+    assert identity == evaluate.model_identity(str(checkpoint), "ViT-B/16", (32, 16), 16)
+    assert identity != evaluate.model_identity(str(checkpoint), "ViT-B/16", (64, 32), 16)
+    os.utime(checkpoint, ns=(0, 10**18))  # retrained in place
+    assert identity != evaluate.model_identity(str(checkpoint), "ViT-B/16", (32, 16), 16)
+    release = evaluate.model_identity(None, "ViT-B/16", (384, 128), 16)
+    assert release != evaluate.model_identity(None, "ViT-B/16", (384, 128), 12)
+    assert release != evaluate.model_identity(None, "ViT-L/14", (384, 128), 16)
+
+
+def test_search_errors_are_one_clear_line(runs, tmp_path, capsys):
+    common = ["--checkpoint", runs.checkpoint["demo"], "--out", str(tmp_path / "out"), "--workers", "0"]
+    assert evaluate.main([*common, "--gallery", str(tmp_path / "nowhere"), "--query", "a man"]) == 1
+    assert capsys.readouterr().err == f"error: --gallery: no such folder: {tmp_path / 'nowhere'}\n"
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([*common, "--gallery", str(tmp_path)])
+    assert exit.value.code == 2 and "argument --gallery: needs at least one --query" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    assert evaluate.main([*common, "--gallery", str(tmp_path / "bad"), "--query", "a man"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad' / 'x.png'}: unreadable image" in err
+    assert err.endswith(f"error: --gallery: no readable image under {tmp_path / 'bad'}\n")
+
+
+def test_several_queries_on_a_dataset_split_draw_one_picture_each(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate.main(["--checkpoint", runs.checkpoint["demo"], "--root", runs.root, "--workers", "0",
+                          "--query", "a man", "--query", "a woman", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["query_1.png", "query_2.png"]
+
+
+# -----------------------------------------------------------------------------
+# DM-Adapter's routing
+
+
+@pytest.fixture()
+def routed_gates(monkeypatch):
+    """Records the gates [T, E] that every MixtureOfAdapters really uses, keyed by the mixture."""
+    gates = []
+    route = dm_adapter.MixtureOfAdapters.route
+
+    def recording_route(self, h):
+        result = route(self, h)
+        gates.append((self, result[0]))
+        return result
+    monkeypatch.setattr(dm_adapter.MixtureOfAdapters, "route", recording_route)
+    return gates
+
+
+def test_routing_shares_count_the_experts_the_model_uses(runs, routed_gates):
+    model, checkpoint = evaluate.load_checkpoint(runs.checkpoint["demo"])
+    split = data.load_dataset("demo", runs.root).test
+    block_of = {id(m): ("image", b) for b, m in enumerate(model.vision_adapters)}
+    block_of.update({id(m): ("text", b) for b, m in enumerate(model.text_adapters)})
+    ids = clip_min.tokenize(split.captions, truncate=True)                      # [Q, L], one batch below
+    words = (torch.arange(ids.shape[1]) <= ids.argmax(1, keepdim=True)).flatten()  # [Q * L]: not padding
+
+    for include_padding in (False, True):
+        routed_gates.clear()
+        shares = evaluate.routing_shares(model, split, checkpoint["clip"]["image_size"], "cpu", batch_size=256,
+                                         include_padding=include_padding)
+        expected = {tower: torch.zeros(len(model.vision_adapters if tower == "image" else model.text_adapters), 6)
+                    for tower in ("image", "text")}
+        for mixture, gates in routed_gates:
+            tower, block = block_of[id(mixture)]
+            chosen = gates > 0                                                  # [T, E], two per token
+            if tower == "text" and not include_padding:
+                chosen = chosen[words]
+            expected[tower][block] += chosen.sum(0)
+        for tower in expected:
+            percent = 100 * expected[tower] / expected[tower].sum(1, keepdim=True)
+            assert torch.allclose(shares[tower].float(), percent, atol=1e-4), (tower, include_padding)
+            assert torch.allclose(shares[tower].sum(1), torch.full((len(percent),), 100.0, dtype=torch.float64))
+        if include_padding:
+            assert torch.equal(shares["image"], image_shares) and not torch.equal(shares["text"], text_shares)
+        image_shares, text_shares = shares["image"], shares["text"]
+
+
+def test_caption_routing_gives_each_tokens_two_experts_larger_weight_first(runs, routed_gates):
+    model, _ = evaluate.load_checkpoint(runs.checkpoint["demo"])
+    labels, experts = evaluate.caption_routing(model, "a woman in a striped top", "cpu")
+    assert labels == ["SOT", "a", "woman", "in", "a", "striped", "top", "EOT"]
+    assert experts.shape == (len(model.text_adapters), len(labels), 2)
+    text_gates = [gates for mixture, gates in routed_gates if any(mixture is m for m in model.text_adapters)]
+    for block, gates in enumerate(text_gates):                                   # [77, E] each
+        for token in range(len(labels)):
+            first, second = experts[block, token].tolist()
+            assert gates[token, first] >= gates[token, second] > 0
+            assert (gates[token] > 0).sum() == 2
+
+
+def test_routing_picture_from_the_command_line(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate.main(["--checkpoint", runs.checkpoint["demo"], "--routing", "--root", runs.root,
+                          "--workers", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "image tower: each expert gets" in printed and "text tower: each expert gets" in printed
+    with Image.open(out / "routing.png") as picture:
+        assert picture.format == "PNG" and picture.width > 400 and picture.height > 200
+        colours = {colour for _, colour in picture.convert("RGB").getcolors(1 << 20)}
+    # Every heatmap cell's colour is in the picture, and so is the colour of every expert picked.
+    model, checkpoint = evaluate.load_checkpoint(runs.checkpoint["demo"])
+    split = data.load_dataset("demo", runs.root).test
+    shares = evaluate.routing_shares(model, split, checkpoint["clip"]["image_size"], "cpu")
+    for tower_shares in shares.values():
+        for share in tower_shares.flatten().tolist():
+            assert evaluate._share_colour(share, 100 / 6) in colours
+    _, experts = evaluate.caption_routing(model, split.captions[0], "cpu")
+    palette = evaluate._expert_colours(6)
+    assert {palette[e] for e in experts.flatten().tolist()} <= colours
+
+
+def test_routing_needs_a_dm_adapter_model(runs, capsys):
+    assert evaluate.main(["--method", "clip", "--clip", runs.clip, "--image-size", *IMAGE_SIZE, "--stride", "8",
+                          "--data", "demo", "--root", runs.root, "--workers", "0", "--routing"]) == 1
+    assert capsys.readouterr().err.startswith("error: --routing draws DM-Adapter's routers")
+
+
+def test_share_colours_are_white_at_even_use_and_saturate_at_none_and_double():
+    assert evaluate._share_colour(25.0, 25.0) == (255, 255, 255)
+    assert evaluate._share_colour(0.0, 25.0) == evaluate.FEWER_COLOUR
+    assert evaluate._share_colour(50.0, 25.0) == evaluate._share_colour(90.0, 25.0) == evaluate.MORE_COLOUR
+
+
+# -----------------------------------------------------------------------------
+# Cross-dataset evaluation
+
+
+def test_transfer_table_between_the_demo_sets(runs, capsys):
+    results = {}
+    for trained_on, path in runs.checkpoint.items():
+        model, checkpoint = evaluate.load_checkpoint(path)
+        assert checkpoint["data"] == trained_on
+        for evaluated_on in TINY_DEMO:
+            split = data.load_dataset(evaluated_on, runs.root).test
+            metrics = evaluate.evaluate_split(model, split, checkpoint["clip"]["image_size"], "cpu")
+            assert metrics["num_queries"] == len(split.captions)  # 16 on demo, 12 on demo-pretrain
+            results[trained_on, evaluated_on] = metrics
+    table = evaluate.format_transfer_table(results)
+    print("\n" + table)
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].split("|")[2:4] == [" demo          ", " demo-pretrain "]
+    for row, trained_on in zip(lines[2:], TINY_DEMO):
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert cells[0] == trained_on
+        assert cells[1:] == [f"{results[trained_on, e]['R1']:.2f} / {results[trained_on, e]['mAP']:.2f}" for e in TINY_DEMO]
+
+    # The command line evaluates a checkpoint on another set with --data: the same numbers.
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", runs.checkpoint["demo"], "--data", "demo-pretrain", "--root", runs.root,
+                          "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "demo-pretrain test, 6 images:" in printed
+    assert f"| dm_adapter | {results['demo', 'demo-pretrain']['R1']:6.2f} |" in printed
+
+
+def test_transfer_table_marks_pairs_not_evaluated():
+    def metrics(r1):
+        return {"R1": r1, "mAP": r1 / 2}
+    table = evaluate.format_transfer_table({("A", "A"): metrics(50.0), ("A", "B"): metrics(12.5),
+                                            ("B", "B"): metrics(40.0)}, metrics=("R1",))
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
+    assert rows[0][1:] == ["A", "B"] and rows[0][0].startswith("R1:")
+    assert rows[2:] == [["A", "50.00", "12.50"], ["B", "-", "40.00"]]
