@@ -572,7 +572,8 @@ def file_stamp(path: str) -> Stamp:
 def model_identity(checkpoint: str | None, clip: str, image_size: tuple[int, int], stride: int) -> dict:
     """What makes the gallery features: the checkpoint file (path and stamp: it holds the method,
     the backbone, its input size and stride), or for zero-shot CLIP the release name or weight
-    file, the input size and the stride. Two identities are equal only if the features would be."""
+    file, the input size and the stride. Equal identities give equal features (up to the rounding
+    of the device and precision)."""
     size = [int(side) for side in image_size]
     if checkpoint is not None:
         path = os.path.abspath(checkpoint)
@@ -786,6 +787,9 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
     if not gallery.paths:
         raise data.DataError(f"--gallery: no readable image under {args.gallery}")
 
+    for query in queries:  # SOT + tokens + EOT must fit the 77 positions
+        if len(clip_min.default_tokenizer().encode(query)) + 2 > clip_min.CONTEXT_LENGTH:
+            print(f'query cut to its first {clip_min.CONTEXT_LENGTH - 2} tokens: "{query[:60]}..."', file=sys.stderr)
     scores, rows = search_gallery(model, queries, gallery, args.topk, args.device, amp_dtype)  # [Q, k], [Q, k]
     for number, (query, query_scores, query_rows) in enumerate(zip(queries, scores.tolist(), rows.tolist()), start=1):
         found = [gallery.paths[row] for row in query_rows]

@@ -206,6 +206,10 @@ def test_search_errors_are_one_clear_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad' / 'x.png'}: unreadable image" in err
     assert err.endswith(f"error: --gallery: no readable image under {tmp_path / 'bad'}\n")
+    # A query longer than the context is cut, and says so.
+    write_image(tmp_path / "one" / "a.png", (16, 32), seed=0)
+    assert evaluate.main([*common, "--gallery", str(tmp_path / "one"), "--query", "a man in a red coat " * 20]) == 0
+    assert "query cut to its first 75 tokens" in capsys.readouterr().err
 
 
 def test_several_queries_on_a_dataset_split_draw_one_picture_each(runs, tmp_path, capsys):
