@@ -34,11 +34,12 @@ import argparse
 import colorsys
 import contextlib
 import functools
+import itertools
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -543,263 +544,146 @@ def save_retrieval_grid(path: str, query: str, images: list, scores: list[float]
 # Searching a folder of images
 # ------------------------------------------------------------------------------------------------
 # The papers' code ranks a dataset's test split and nothing else. Here any folder is a gallery:
-# every .jpg, .jpeg, .png and .webp under it, of any size, resized exactly as a test image is
-# (data.build_transform), ranked for one or several free-text queries that share one pass over
-# the images. Encoding is the slow part (ViT-B/16 at 384x128 costs about 34 GFLOP per image: a
-# few images a second on a CPU), so the features are cached in one file in --out, stamped with
-# the model that made them and, per file, with its path, size, modification time and
-# status-change time. A later search encodes only the files that are new or whose stamp changed;
-# a file rewritten in place gets a new ctime even when its mtime is put back, so a feature is
-# never served stale. A cache made by another model (another or rewritten checkpoint, another
-# CLIP, input size or stride) is discarded whole; features encoded on another device or at
-# another precision differ by rounding only, so the cache does not tell those apart. Files that
-# cannot be decoded are listed and counted on every search, never skipped silently; the cache
-# remembers them with their stamp, so they are not decoded again until they change.
+# every .jpg, .jpeg, .png and .webp under it, of any size, resized as a test image is, ranked for
+# one or several queries that share one pass over the images. Encoding is the slow part (ViT-B/16
+# at 384x128 costs about 34 GFLOP per image: a few images a second on a CPU), so the features are
+# cached in one file in --out with the identity of the model that made them and each file's size,
+# mtime and ctime: a file rewritten in place gets a new ctime even when its mtime is put back, so
+# a feature is never served stale. A later search encodes only the files whose (path, stamp) the
+# cache lacks; a cache of another model is discarded whole (features from another device or
+# precision differ by rounding only, so those are not told apart). Unreadable files are cached
+# with their message too: listed and counted on every search, decoded again only once changed.
 
 GALLERY_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # matched case-insensitively
 GALLERY_CACHE_FILE = "gallery_features.pt"               # in --out
-GALLERY_CACHE_FORMAT = 1                                 # bumped whenever the file's layout changes
-UNREADABLE_SHOWN = 20  # unreadable files printed; the full list goes to <out>/unreadable.txt
-
-Stamp = tuple[int, int, int]  # (size in bytes, mtime in ns, ctime in ns) of a file
+UNREADABLE_SHOWN = 20  # unreadable files printed; all of them go to <out>/unreadable.txt
 
 
-def file_stamp(path: str) -> Stamp:
+def file_stamp(path: str) -> tuple[int, int, int]:
     status = os.stat(path)  # follows symbolic links: the stamp is the image's own
     return (status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
 def model_identity(checkpoint: str | None, clip: str, image_size: tuple[int, int], stride: int) -> dict:
-    """What makes the gallery features: the checkpoint file (path and stamp: it holds the method,
-    the backbone, its input size and stride), or for zero-shot CLIP the release name or weight
-    file, the input size and the stride. Equal identities give equal features (up to the rounding
-    of the device and precision)."""
-    size = [int(side) for side in image_size]
-    if checkpoint is not None:
-        path = os.path.abspath(checkpoint)
-        return {"checkpoint": path, "stamp": list(file_stamp(path)), "image_size": size}
-    if os.path.isfile(clip):
-        path = os.path.abspath(clip)
-        return {"clip": path, "stamp": list(file_stamp(path)), "image_size": size, "stride": stride}
-    return {"clip": clip, "image_size": size, "stride": stride}  # a release: its hash is checked on load
+    """What the gallery features depend on: the checkpoint (it holds the method, backbone, input
+    size and stride), or zero-shot CLIP's release or weight file, input size and stride. A file
+    counts by path and stamp, so a checkpoint retrained in place is another model."""
+    source = checkpoint or clip
+    identity = {"format": 1, "source": source, "image_size": [int(side) for side in image_size], "stride": stride}
+    if os.path.isfile(source):  # a release name is hash-checked when loaded
+        identity.update(source=os.path.abspath(source), stamp=list(file_stamp(source)))
+    return identity
 
 
-def list_gallery(folder: str) -> tuple[list[str], dict[str, str], int]:
-    """(image files, problems, others) under `folder`, recursively: absolute paths in sorted order,
-    {path: why} for every folder that could not be listed, and the number of other files (not an
-    image by their extension), which are left out."""
-    if not os.path.isdir(folder):
-        raise data.DataError(f"--gallery: no such folder: {folder}")
-    images, problems, others = [], {}, 0
-
-    def note_unlisted(error: OSError) -> None:
-        problems[error.filename] = f"{error.filename}: folder cannot be listed: {error.strerror}"
-
-    for directory, _, files in os.walk(os.path.abspath(folder), onerror=note_unlisted):
-        for name in files:
-            if name.lower().endswith(GALLERY_EXTENSIONS):
-                images.append(os.path.join(directory, name))
-            else:
-                others += 1
-    return sorted(images), problems, others
-
-
-class GalleryImages(torch.utils.data.Dataset):
-    """Gallery files transformed as test images, each with an error message ("" when it was read).
-    A file that cannot be decoded gives a blank image and its message instead of an exception,
-    so that one bad file among thousands is reported rather than ending the pass."""
-
-    def __init__(self, paths: list[str], image_size: tuple[int, int]):
-        self.paths, self.image_size = paths, tuple(image_size)
-        self.transform = data.build_transform(self.image_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+def _decode_gallery_batch(image_size: tuple[int, int], paths: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The loader's collate_fn: images [B, 3, H, W] as the test split's, and a message per file
+    ("" if read). An unreadable file gives a blank image and its message rather than an exception,
+    so one bad file among thousands is reported instead of ending the pass."""
+    transform, images, messages = data.build_transform(image_size), [], []
+    for path in paths:
         try:
-            return self.transform(data.load_image(self.paths[i])), ""  # [3, H, W]
+            images.append(transform(data.load_image(path)))
+            messages.append("")
         except data.DataError as error:
-            return torch.zeros(3, *self.image_size), str(error)
+            images.append(torch.zeros(3, *image_size))
+            messages.append(str(error))
+    return torch.stack(images), messages
 
 
 def encode_gallery_files(model: nn.Module, paths: list[str], image_size: tuple[int, int],
-                         device: torch.device | str, amp_dtype: torch.dtype | None = None, batch_size: int = 256,
-                         workers: int = 0, log_every: int = 20) -> tuple[torch.Tensor, list[str]]:
-    """Image features [N, E] of `paths` (L2-normalised fp32, on the CPU, where the cache keeps
-    them; zeros for a file that could not be read) and one error message per file ("" if read).
-    `amp_dtype` as in extract_features. A progress line goes to stderr every `log_every` batches;
-    the model's mode is restored."""
-    device = torch.device(device)
-    loader = DataLoader(GalleryImages(paths, image_size), batch_size, num_workers=workers)
+                         device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                         batch_size: int = 256, workers: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Features [N, E] of `paths` (L2-normalised fp32 on the CPU, where the cache keeps them; a row
+    of an unreadable file means nothing) and one message per file ("" if read)."""
+    loader = DataLoader(paths, batch_size, num_workers=workers,
+                        collate_fn=functools.partial(_decode_gallery_batch, tuple(image_size)))
     features, messages = [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(device, amp_dtype):
-        for batch_index, (images, batch_messages) in enumerate(loader):  # [B, 3, H, W], B strings
-            encoded = model.encode_image(images.to(device, non_blocking=True))  # [B, E]
-            features.append(F.normalize(encoded.float(), dim=-1).cpu())
-            messages.extend(batch_messages)
-            if log_every and (batch_index + 1) % log_every == 0:
-                print(f"  encoded {len(messages):,} of {len(paths):,} gallery images", file=sys.stderr)
-    model.train(was_training)
-    return torch.cat(features), messages
-
-
-class GalleryFeatures:
-    """The features of a gallery's readable files, and its unreadable files with the reason.
-
-    paths[i] (absolute, sorted) has stamps[i] and feature row features[i] ([N, E], L2-normalised
-    fp32 on the CPU); unreadable maps a path to (stamp, message). This is also the cache file's
-    content, with the identity of the model that made the features.
-    """
-
-    def __init__(self, paths: list[str], stamps: list[Stamp], features: torch.Tensor,
-                 unreadable: dict[str, tuple[Stamp, str]]):
-        self.paths, self.stamps, self.features, self.unreadable = paths, stamps, features, unreadable
-
-    def save(self, path: str, identity: dict) -> None:
-        unreadable = sorted(self.unreadable.items())
-        content = {"format": GALLERY_CACHE_FORMAT, "model": identity, "paths": self.paths,
-                   "stamps": torch.tensor(self.stamps, dtype=torch.long).view(-1, 3),  # [N, 3]
-                   "features": self.features,                                          # [N, E]
-                   "unreadable_paths": [p for p, _ in unreadable],
-                   "unreadable_stamps": torch.tensor([s for _, (s, _) in unreadable], dtype=torch.long).view(-1, 3),
-                   "unreadable_messages": [m for _, (_, m) in unreadable]}
-        temporary = f"{path}.tmp{os.getpid()}"
-        torch.save(content, temporary)
-        os.replace(temporary, path)  # atomic: an interrupted save leaves the old cache, not a broken one
-
-    @classmethod
-    def load(cls, path: str, identity: dict) -> "GalleryFeatures | None":
-        """The cache at `path` if it was made by the model `identity`, else None (a cache that is
-        missing, of another model or another format, or damaged, is simply rebuilt)."""
-        if not os.path.isfile(path):
-            return None
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-            if content.get("format") != GALLERY_CACHE_FORMAT or content.get("model") != identity:
-                return None
-            stamps = [tuple(s) for s in content["stamps"].tolist()]
-            unreadable = {p: (tuple(s), m) for p, s, m in zip(content["unreadable_paths"],
-                                                               content["unreadable_stamps"].tolist(),
-                                                               content["unreadable_messages"])}
-            return cls(content["paths"], stamps, content["features"], unreadable)
-        except Exception as error:  # unpickling errors come in many types; the cache is only a cache
-            print(f"  ignoring the damaged gallery cache {path} ({error})", file=sys.stderr)
-            return None
-
-
-def update_gallery(cached: GalleryFeatures | None, files: dict[str, Stamp],
-                   encode: Callable[[list[str]], tuple[torch.Tensor, list[str]]]) -> tuple[GalleryFeatures, int]:
-    """The features of `files` ({path: stamp}, sorted): taken from `cached` where the path is
-    there with the same stamp, encoded with `encode(paths) -> (features [n, E], messages)` where
-    it is not. Returns them and the number of files encoded. Files gone from disk are dropped."""
-    cached = cached or GalleryFeatures([], [], torch.zeros(0, 0), {})
-    cached_row = {path: row for row, path in enumerate(cached.paths)}
-    from_cache: list[tuple[str, int]] = []   # (path, row in cached.features)
-    to_encode: list[str] = []
-    unreadable: dict[str, tuple[Stamp, str]] = {}
-    for path, stamp in files.items():
-        row = cached_row.get(path)
-        if row is not None and cached.stamps[row] == stamp:
-            from_cache.append((path, row))
-        elif path in cached.unreadable and cached.unreadable[path][0] == stamp:
-            unreadable[path] = cached.unreadable[path]
-        else:
-            to_encode.append(path)
-    new_features, messages = encode(to_encode) if to_encode else (torch.zeros(0, 0), [])
-    encoded = [(path, row) for row, (path, message) in enumerate(zip(to_encode, messages)) if not message]
-    unreadable.update((path, (files[path], message)) for path, message in zip(to_encode, messages) if message)
-
-    # The rows kept from the cache, then the new ones, put in path order in one gather.
-    kept_paths = [path for path, _ in from_cache] + [path for path, _ in encoded]
-    pieces = [source[[row for _, row in rows]] for source, rows in ((cached.features, from_cache),
-                                                                    (new_features, encoded)) if rows]
-    order = sorted(range(len(kept_paths)), key=kept_paths.__getitem__)
-    features = torch.cat(pieces)[order] if pieces else torch.zeros(0, 0)          # [N, E]
-    gallery = GalleryFeatures([kept_paths[i] for i in order], [files[kept_paths[i]] for i in order],
-                              features, dict(sorted(unreadable.items())))
-    return gallery, len(to_encode)
-
-
-def search_gallery(model: nn.Module, queries: list[str], gallery: GalleryFeatures, topk: int,
-                   device: torch.device | str, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [Q, k], gallery rows [Q, k]) of the k best images for each query, best first: cosine
-    similarity of the normalised text and image features."""
-    was_training = model.training
-    model.eval()
     with torch.no_grad(), autocast(torch.device(device), amp_dtype):
-        ids = clip_min.tokenize(queries, truncate=True).to(device)                # [Q, 77]
-        query_features = F.normalize(model.encode_text(ids).float(), dim=-1).cpu()  # [Q, E]
-    model.train(was_training)
-    return (query_features @ gallery.features.T).topk(min(topk, len(gallery.paths)), dim=1)  # [Q, N] -> [Q, k]
-
-
-def report_unreadable(unreadable: dict[str, tuple[Stamp, str]], out: str) -> None:
-    """Every unreadable file is counted and listed: the first few on stderr, all of them in a file."""
-    listing = os.path.join(out, "unreadable.txt")
-    if not unreadable:
-        if os.path.exists(listing):
-            os.remove(listing)  # a list from an earlier search would now be wrong
-        return
-    with open(listing, "w") as file:
-        file.writelines(f"{message}\n" for _, message in unreadable.values())
-    print(f"{len(unreadable):,} unreadable file(s), left out of the ranking (all listed in {listing}):", file=sys.stderr)
-    for _, message in list(unreadable.values())[:UNREADABLE_SHOWN]:
-        print(f"  {message}", file=sys.stderr)
-    if len(unreadable) > UNREADABLE_SHOWN:
-        print(f"  ... and {len(unreadable) - UNREADABLE_SHOWN:,} more", file=sys.stderr)
+        for images, batch_messages in loader:                                   # [B, 3, H, W], B strings
+            features.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu())  # [B, E]
+            messages += batch_messages
+            print(f"  encoded {len(messages):,} of {len(paths):,} gallery images", file=sys.stderr)
+    return torch.cat(features), messages
 
 
 def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: tuple[int, int]) -> int:
     """`--gallery DIR --query TEXT [--query TEXT ...]`: rank the folder's images for each query,
     print the best --topk with their scores and draw them (<out>/search.png, or search_N.png)."""
-    start = time.perf_counter()
-    queries, image_size = args.query, tuple(image_size)
-    amp_dtype = autocast_dtype(args.precision, args.device)
-    paths, unlisted, others = list_gallery(args.gallery)
-    files: dict[str, Stamp] = {}
-    unreadable: dict[str, tuple[Stamp, str]] = {folder: ((0, 0, 0), why) for folder, why in unlisted.items()}
-    for path in paths:
-        try:
-            files[path] = file_stamp(path)
-        except OSError as error:  # a dangling link, or a file deleted meanwhile
-            unreadable[path] = ((0, 0, 0), f"{path}: cannot be read: {error.strerror}")
+    start, amp_dtype = time.perf_counter(), autocast_dtype(args.precision, args.device)
+    if not os.path.isdir(args.gallery):
+        raise data.DataError(f"--gallery: no such folder: {args.gallery}")
+    files, problems, others = {}, [], 0  # {path: stamp}; why a folder or file could not be read at all
+    for folder, _, names in os.walk(os.path.abspath(args.gallery), onerror=lambda error: problems.append(
+            f"{error.filename}: folder cannot be listed: {error.strerror}")):
+        for path in (os.path.join(folder, name) for name in names):
+            if not path.lower().endswith(GALLERY_EXTENSIONS):
+                others += 1
+                continue
+            try:
+                files[path] = file_stamp(path)
+            except OSError as error:  # a dangling link, or a file deleted meanwhile
+                problems.append(f"{path}: cannot be read: {error.strerror}")
+    files = dict(sorted(files.items()))
 
+    # One path for old and new files: a row of the cache where its (path, stamp) is there, else a
+    # row of this pass; the features then gathered in path order.
     os.makedirs(args.out, exist_ok=True)
     cache_path = os.path.join(args.out, GALLERY_CACHE_FILE)
     identity = model_identity(args.checkpoint, args.clip, image_size, args.stride or 16)
-    cached = GalleryFeatures.load(cache_path, identity)
+    cache = {"paths": [], "stamps": [], "features": torch.zeros(0), "messages": []}
+    if os.path.isfile(cache_path):
+        try:
+            loaded = torch.load(cache_path, map_location="cpu", weights_only=True)
+            cache = loaded if loaded.get("model") == identity else cache
+        except Exception as error:  # unpickling fails in many ways; a cache is only a cache
+            print(f"  ignoring the damaged gallery cache {cache_path} ({error})", file=sys.stderr)
+    row_of = {(path, tuple(stamp)): row for row, (path, stamp) in enumerate(zip(cache["paths"], cache["stamps"]))}
+    new = [path for path, stamp in files.items() if (path, stamp) not in row_of]
+    row_of.update(((path, files[path]), len(cache["paths"]) + i) for i, path in enumerate(new))
+    new_features, new_messages = (encode_gallery_files(model, new, image_size, args.device, amp_dtype, args.batch_size,
+                                                       args.workers) if new else (torch.zeros(0), []))
+    rows = [row_of[path, stamp] for path, stamp in files.items()]
+    all_messages = cache["messages"] + new_messages
+    paths, messages = list(files), [all_messages[row] for row in rows]
+    features = torch.cat([cache["features"], new_features])[rows]                          # [N, E]
+    if new or cache["paths"] != paths:
+        torch.save({"model": identity, "paths": paths, "stamps": list(files.values()), "features": features,
+                    "messages": messages}, f"{cache_path}.tmp")
+        os.replace(f"{cache_path}.tmp", cache_path)  # atomic: an interrupted save leaves the old cache
 
-    def encode(paths_to_encode: list[str]) -> tuple[torch.Tensor, list[str]]:
-        return encode_gallery_files(model, paths_to_encode, image_size, args.device, amp_dtype,
-                                    args.batch_size, args.workers)
-
-    gallery, num_encoded = update_gallery(cached, files, encode)
-    if num_encoded or cached is None or cached.paths != gallery.paths or cached.unreadable != gallery.unreadable:
-        gallery.save(cache_path, identity)
-    unreadable.update(gallery.unreadable)
-    print(f"{args.gallery}: {len(files):,} image files, {len(files) - num_encoded:,} from the cache {cache_path} "
-          f"and {num_encoded:,} decoded now; {len(gallery.paths):,} ranked, {len(unreadable):,} unreadable; "
+    readable = [row for row, message in enumerate(messages) if not message]
+    unreadable = problems + [message for message in messages if message]
+    print(f"{args.gallery}: {len(files):,} image files, {len(files) - len(new):,} from the cache {cache_path} "
+          f"and {len(new):,} decoded now; {len(readable):,} ranked, {len(unreadable):,} unreadable; "
           f"{others:,} other files left out (not {'/'.join(GALLERY_EXTENSIONS)})")
-    report_unreadable(unreadable, args.out)
-    if not gallery.paths:
+    listing = os.path.join(args.out, "unreadable.txt")
+    if unreadable:
+        with open(listing, "w") as file:
+            file.writelines(f"{message}\n" for message in unreadable)
+        more = [f"... and {len(unreadable) - UNREADABLE_SHOWN:,} more"] if len(unreadable) > UNREADABLE_SHOWN else []
+        print(f"{len(unreadable):,} unreadable file(s), left out of the ranking (all listed in {listing}):",
+              *unreadable[:UNREADABLE_SHOWN], *more, sep="\n  ", file=sys.stderr)
+    elif os.path.exists(listing):
+        os.remove(listing)  # a list from an earlier search would now be wrong
+    if not readable:
         raise data.DataError(f"--gallery: no readable image under {args.gallery}")
 
-    for query in queries:  # SOT + tokens + EOT must fit the 77 positions
+    for query in args.query:  # SOT + tokens + EOT must fit the 77 positions
         if len(clip_min.default_tokenizer().encode(query)) + 2 > clip_min.CONTEXT_LENGTH:
             print(f'query cut to its first {clip_min.CONTEXT_LENGTH - 2} tokens: "{query[:60]}..."', file=sys.stderr)
-    scores, rows = search_gallery(model, queries, gallery, args.topk, args.device, amp_dtype)  # [Q, k], [Q, k]
-    for number, (query, query_scores, query_rows) in enumerate(zip(queries, scores.tolist(), rows.tolist()), start=1):
-        found = [gallery.paths[row] for row in query_rows]
-        print(f'\n"{query}": the {len(found)} best of {len(gallery.paths):,}')
+    with torch.no_grad(), autocast(args.device, amp_dtype):
+        ids = clip_min.tokenize(args.query, truncate=True).to(args.device)           # [Q, 77]
+        queries = F.normalize(model.encode_text(ids).float(), dim=-1).cpu()          # [Q, E]
+    scores, best = (queries @ features[readable].T).topk(min(args.topk, len(readable)))  # [Q, N] -> [Q, k]
+    for number, (query, query_scores, query_best) in enumerate(zip(args.query, scores.tolist(), best.tolist()), 1):
+        found = [paths[readable[i]] for i in query_best]
+        print(f'\n"{query}": the {len(found)} best of {len(readable):,}')
         for rank, (score, path) in enumerate(zip(query_scores, found), start=1):
             print(f"  {rank:3d}  {score:.4f}  {path}")
-        picture = os.path.join(args.out, "search.png" if len(queries) == 1 else f"search_{number}.png")
+        picture = os.path.join(args.out, "search.png" if len(args.query) == 1 else f"search_{number}.png")
         save_retrieval_grid(picture, query, found, query_scores)
         print(f"wrote {picture}")
-    print(f"\n{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} over {len(gallery.paths):,} images "
+    print(f"\n{len(args.query)} quer{'y' if len(args.query) == 1 else 'ies'} over {len(readable):,} images "
           f"in {time.perf_counter() - start:.2f} s, the model already loaded")
     return 0
 
@@ -807,283 +691,130 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
 # ------------------------------------------------------------------------------------------------
 # DM-Adapter's routing
 # ------------------------------------------------------------------------------------------------
-# DM-Adapter's Domain-Aware Router is meant to spread tokens over experts that specialise, and
-# its load-balancing loss to keep all of them in use. One picture shows what a trained model's
-# routers do. (1) For each block of each tower, the share of the top-k picks that each expert
-# receives over a whole split: a row near 100/E % everywhere means every expert stays in use; a
-# row with one dark blue cell and pale red ones means that block's router collapsed onto one
-# expert. (2) For one caption, the experts each token picks at each text block: whether words of
-# one kind (colours, garments) share experts, and how the choice changes with depth.
-#
-# The routers are read with forward hooks on each MixtureOfAdapters' `router` module, whose
-# output is the logits [T, E] of the T = B * L tokens flattened, so dm_adapter.py stays as it is;
-# the picks are the top-k of those logits, exactly as MixtureOfAdapters.route takes them.
-#
-# Padding: every text token is routed, padding included (and it counts in the load-balancing
-# loss, as the authors do). The heatmap leaves it out: under the causal mask a token after EOT
-# never reaches the text feature, which is read at EOT, and with 77 slots for a caption of 20 to
-# 60 tokens the padding would otherwise make up most of the text tower's picks and hide what the
-# words do. `routing_shares(..., include_padding=True)` counts it. Image tokens all count.
+# DM-Adapter's router should spread tokens over experts that specialise, its balance loss keep all
+# of them in use. One picture shows what a trained model's routers do: per block of each tower, the
+# share of the top-k picks each expert gets over a split (near 100/E % everywhere: all in use; one
+# blue cell among red ones: that block collapsed onto one expert), and the experts each token of
+# one caption picks at each text block. Forward hooks on the routers read the picks, so
+# dm_adapter.py stays as it is. The heatmap leaves out the text padding (routed, and counted in the
+# balance loss as the authors do): under the causal mask it never reaches the feature read at EOT,
+# and with 77 slots for 20 to 60 tokens it would hide what the words do.
 
-ROUTING_CELL = (22, 46)          # (height, width) of a heatmap cell, in pixels
-ROUTING_PADDING = 12
-MORE_COLOUR = (40, 90, 200)      # an expert given twice the even share or more
-FEWER_COLOUR = (215, 50, 40)     # an expert given no token at all
-CAPTION_TOKENS_SHOWN = 40        # tokens of the example caption drawn (a column each)
-TOKEN_GAP = 4                    # pixels between the tokens' columns
-
-
-class RoutingRecorder:
-    """Counts, per block of each tower of a DMAdapter, how many tokens pick each expert (its top-k).
-
-    Used as a context manager; the hooks are removed on exit. Before each text batch set
-    `token_mask` ([B, L] bool, the tokens that count; None: all count). Set `choices` to {} to
-    also keep every block's picks: choices[tower][block] = expert ids [T, k], best first.
-    """
-
-    def __init__(self, model: dm_adapter.DMAdapter):
-        towers = {"image": model.vision_adapters, "text": model.text_adapters}
-        device = next(model.parameters()).device
-        self.top_k = model.vision_adapters[0].top_k
-        self.num_experts = len(model.vision_adapters[0].experts)
-        self.counts = {tower: torch.zeros(len(mixtures), self.num_experts, dtype=torch.long, device=device)
-                       for tower, mixtures in towers.items()}                   # [blocks, E] each
-        self.token_mask: torch.Tensor | None = None
-        self.choices: dict[str, dict[int, torch.Tensor]] | None = None
-        self.handles = [mixture.router.register_forward_hook(functools.partial(self._record, tower, block))
-                        for tower, mixtures in towers.items() for block, mixture in enumerate(mixtures)]
-
-    def _record(self, tower: str, block: int, router: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
-        chosen = logits.float().topk(self.top_k, dim=-1).indices                # [T, k], as route() takes them
-        picks = F.one_hot(chosen, self.num_experts).sum(dim=1)                  # [T, E], k ones per token
-        if tower == "text" and self.token_mask is not None:
-            if self.token_mask.numel() != len(picks):
-                raise ValueError(f"a text mask of {self.token_mask.numel()} tokens for {len(picks)} routed ones")
-            picks = picks * self.token_mask.reshape(-1, 1)                      # [T, E], without a host sync
-        self.counts[tower][block] += picks.sum(dim=0)                           # [E]
-        if self.choices is not None:
-            self.choices.setdefault(tower, {})[block] = chosen
-
-    def __enter__(self) -> "RoutingRecorder":
-        return self
-
-    def __exit__(self, *exception: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def text_token_mask(ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] ids -> [B, L] bool: SOT, the caption's tokens and EOT; False for the padding after EOT."""
-    positions = torch.arange(ids.shape[1], device=ids.device)                   # [L]
-    return positions <= ids.argmax(dim=-1, keepdim=True)                       # EOT has the largest id
+def routed_experts(model: dm_adapter.DMAdapter, tower: str, batches: Iterable,
+                   device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(batch on `device`, experts [blocks, T, k]) per batch of images [B, 3, H, W] or ids [B, L], T = B * L:
+    the top-k of each router's logits [T, E], best first, as MixtureOfAdapters.route takes them."""
+    mixtures = model.vision_adapters if tower == "image" else model.text_adapters
+    picks: list[torch.Tensor | None] = [None] * len(mixtures)
+    def record(block: int, top_k: int, router: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
+        picks[block] = logits.float().topk(top_k, dim=-1).indices                 # [T, k]
+    hooks = [mixture.router.register_forward_hook(functools.partial(record, block, mixture.top_k))
+             for block, mixture in enumerate(mixtures)]
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            (model.encode_image if tower == "image" else model.encode_text)(batch)
+            yield batch, torch.stack(picks)                                       # [blocks, T, k]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def routing_shares(model: dm_adapter.DMAdapter, split: data.EvalSplit, image_size: tuple[int, int],
                    device: torch.device | str, amp_dtype: torch.dtype | None = None, batch_size: int = 256,
                    workers: int = 0, include_padding: bool = False) -> dict[str, torch.Tensor]:
     """{"image": [blocks, E], "text": [blocks, E]}: the percent of each block's top-k picks that
-    went to each expert over the split's images and captions (each row sums to 100). `amp_dtype`
-    as in extract_features."""
-    device = torch.device(device)
-    image_loader, caption_loader = data.eval_loaders(split, tuple(image_size), batch_size, workers)
-    was_training = model.training
-    model.eval()
-    with RoutingRecorder(model) as recorder, torch.no_grad(), autocast(device, amp_dtype):
-        for images in image_loader:                                              # [B, 3, H, W]
-            model.encode_image(images.to(device))
-        for ids in caption_loader:                                               # [B, L]
-            ids = ids.to(device)
-            recorder.token_mask = None if include_padding else text_token_mask(ids)
-            model.encode_text(ids)
-    model.train(was_training)
-    return {tower: 100 * counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)
-            for tower, counts in recorder.counts.items()}
-
-
-def token_labels(ids: torch.Tensor) -> list[str]:
-    """The BPE tokens of one tokenized caption [L], SOT to EOT, as short readable labels."""
-    tokenizer = clip_min.default_tokenizer()
-    labels = []
-    for token in ids[: int(ids.argmax()) + 1].tolist():
-        labels.append({clip_min.SOT_TOKEN: "SOT", clip_min.EOT_TOKEN: "EOT"}.get(token) or tokenizer.decode([token]))
-    return labels
+    went to each expert over the split's images and captions (each row sums to 100)."""
+    device, num_experts, shares = torch.device(device), len(model.vision_adapters[0].experts), {}
+    for tower, loader in zip(("image", "text"), data.eval_loaders(split, tuple(image_size), batch_size, workers)):
+        counts = 0
+        with torch.no_grad(), autocast(device, amp_dtype):
+            for batch, experts in routed_experts(model, tower, loader, device):
+                chosen = F.one_hot(experts, num_experts).sum(dim=2)               # [blocks, T, E], k ones a token
+                if tower == "text" and not include_padding:  # SOT to EOT (the largest id), without a host sync
+                    words = torch.arange(batch.shape[1], device=device) <= batch.argmax(-1, keepdim=True)  # [B, L]
+                    chosen = chosen * words.reshape(1, -1, 1)
+                counts = counts + chosen.sum(dim=1)                                 # [blocks, E]
+        shares[tower] = 100 * counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    return shares
 
 
 def caption_routing(model: dm_adapter.DMAdapter, caption: str, device: torch.device | str,
                     amp_dtype: torch.dtype | None = None) -> tuple[list[str], torch.Tensor]:
-    """(token labels [n], experts [blocks, n, k]): the top-k experts each token of `caption` (SOT to
-    EOT) picks at each block of the text tower, the one with the larger weight first."""
-    ids = clip_min.tokenize(caption, truncate=True).to(device)                 # [1, L]
-    was_training = model.training
-    model.eval()
-    with RoutingRecorder(model) as recorder, torch.no_grad(), autocast(torch.device(device), amp_dtype):
-        recorder.choices = {}
-        model.encode_text(ids)
-    model.train(was_training)
-    labels = token_labels(ids[0].cpu())
-    blocks = recorder.choices["text"]
-    return labels, torch.stack([blocks[b][: len(labels)] for b in sorted(blocks)]).cpu()  # [blocks, n, k]
+    """(token labels [n], experts [blocks, n, k]): the top-k experts each token of `caption`, SOT
+    to EOT, picks at each text block, the one with the larger weight first."""
+    ids = clip_min.tokenize(caption, truncate=True)                              # [1, L]
+    with torch.no_grad(), autocast(torch.device(device), amp_dtype):
+        [(_, experts)] = routed_experts(model, "text", [ids], device)           # [blocks, L, k]
+    names, tokenizer = {clip_min.SOT_TOKEN: "SOT", clip_min.EOT_TOKEN: "EOT"}, clip_min.default_tokenizer()
+    labels = [names.get(token) or tokenizer.decode([token]) for token in ids[0, : int(ids.argmax()) + 1].tolist()]
+    return labels, experts[:, : len(labels)].cpu()
 
 
-def _share_colour(share: float, even: float) -> tuple[int, int, int]:
+def _share_colour(share: float, even: float, more: tuple = (40, 90, 200), fewer: tuple = (215, 50, 40)) -> tuple:
     """White at the even share; towards blue above it (full at twice), towards red below (full at 0)."""
     t = max(-1.0, min(1.0, (share - even) / even))
-    target = MORE_COLOUR if t > 0 else FEWER_COLOUR
-    return tuple(round(255 + (channel - 255) * abs(t)) for channel in target)
-
-
-def _expert_colours(num_experts: int) -> list[tuple[int, int, int]]:
-    """Pale, evenly spaced hues: black numbers stay readable on every one."""
-    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(e / num_experts, 0.35, 0.97)) for e in range(num_experts)]
-
-
-class _Canvas:
-    """A white picture grown downwards as panels are added: text lines and pasted images."""
-
-    def __init__(self) -> None:
-        self.font = ImageFont.load_default()
-        self.draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        _, top, _, bottom = self.draw.textbbox((0, 0), "Ag", font=self.font)
-        self.line_height = bottom - top + 6
-        self.parts: list[Image.Image] = []
-
-    def width_of(self, text: str) -> float:
-        """Pixels that `text` takes when drawn by `write` (words apart by the grid's word gap)."""
-        words = text.split()
-        return (sum(self.draw.textlength(word, font=self.font) for word in words)
-                + max(0, len(words) - 1) * _word_gap(self.font, self.draw))
-
-    def write(self, draw: ImageDraw.ImageDraw, x: float, y: float, text: str, fill: str = "black") -> None:
-        """Text drawn word by word: the built-in font's 2-pixel space runs words together."""
-        gap = _word_gap(self.font, draw)
-        for word in text.split():
-            draw.text((x, y), word, fill=fill, font=self.font)
-            x += draw.textlength(word, font=self.font) + gap
-
-    def new(self, width: int, height: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-        image = Image.new("RGB", (int(width), int(height)), "white")
-        return image, ImageDraw.Draw(image)
-
-    def text(self, lines: list[str]) -> None:
-        image, draw = self.new(max(self.width_of(line) for line in lines) + 1, len(lines) * self.line_height)
-        for number, line in enumerate(lines):
-            self.write(draw, 0, number * self.line_height, line)
-        self.parts.append(image)
-
-    def save(self, path: str) -> None:
-        width = max(part.width for part in self.parts) + 2 * ROUTING_PADDING
-        height = sum(part.height for part in self.parts) + (len(self.parts) + 1) * ROUTING_PADDING
-        picture, _ = self.new(width, height)
-        y = ROUTING_PADDING
-        for part in self.parts:
-            picture.paste(part, (ROUTING_PADDING, y))
-            y += part.height + ROUTING_PADDING
-        picture.save(path, format="PNG")
-
-
-def _heatmap(canvas: _Canvas, title: str, shares: torch.Tensor) -> Image.Image:
-    """One tower's [blocks, E] percentages as coloured cells with their numbers; blocks downwards."""
-    cell_height, cell_width = ROUTING_CELL
-    num_blocks, num_experts = shares.shape
-    even = 100 / num_experts
-    label_width = canvas.width_of(f"block {num_blocks - 1}") + 8
-    header = 2 * canvas.line_height
-    image, draw = canvas.new(max(label_width + num_experts * cell_width, canvas.width_of(title)) + 1,
-                             header + num_blocks * cell_height + 1)
-    canvas.write(draw, 0, 0, title)
-    for e in range(num_experts):
-        label = f"e{e}"
-        draw.text((label_width + e * cell_width + (cell_width - canvas.width_of(label)) / 2, canvas.line_height),
-                  label, fill="black", font=canvas.font)
-    for block in range(num_blocks):
-        y = header + block * cell_height
-        canvas.write(draw, 0, y + 4, f"block {block}")
-        for e in range(num_experts):
-            share = float(shares[block, e])
-            x = label_width + e * cell_width
-            draw.rectangle((x, y, x + cell_width, y + cell_height), fill=_share_colour(share, even), outline="white")
-            number = f"{share:.1f}"
-            dark = abs(share - even) / even > 0.6
-            draw.text((x + (cell_width - canvas.width_of(number)) / 2, y + 4), number,
-                      fill="white" if dark else "black", font=canvas.font)
-    return image
-
-
-def _caption_grid(canvas: _Canvas, labels: list[str], experts: torch.Tensor, num_experts: int) -> Image.Image:
-    """[blocks, n, k] picks: a column per token, a row per block, each cell split into k stripes
-    coloured by the expert picked (its number on it), the larger weight on the left."""
-    num_blocks, num_tokens, top_k = experts.shape
-    colours = _expert_colours(num_experts)
-    cell_height = ROUTING_CELL[0]
-    widths = [max(canvas.width_of(label), canvas.width_of("0 " * top_k)) + 8 + TOKEN_GAP for label in labels]
-    lefts = [sum(widths[:i]) for i in range(num_tokens)]
-    label_width = canvas.width_of(f"block {num_blocks - 1}") + 8
-    header = canvas.line_height
-    image, draw = canvas.new(label_width + sum(widths) + 1, header + num_blocks * cell_height + 1)
-    for label, left, width in zip(labels, lefts, widths):
-        draw.text((label_width + left + (width - TOKEN_GAP - canvas.width_of(label)) / 2, 0), label,
-                  fill="black", font=canvas.font)
-    for block in range(num_blocks):
-        y = header + block * cell_height
-        canvas.write(draw, 0, y + 4, f"block {block}")
-        for token, (left, width) in enumerate(zip(lefts, widths)):
-            stripe = (width - TOKEN_GAP) / top_k  # a white gap after each token's k stripes
-            for slot, expert in enumerate(experts[block, token].tolist()):
-                x = label_width + left + slot * stripe
-                draw.rectangle((x, y, x + stripe, y + cell_height), fill=colours[expert], outline="white")
-                draw.text((x + (stripe - canvas.width_of(str(expert))) / 2, y + 4), str(expert),
-                          fill="black", font=canvas.font)
-    return image
+    return tuple(round(255 + (channel - 255) * abs(t)) for channel in (more if t > 0 else fewer))
 
 
 def save_routing_picture(path: str, shares: dict[str, torch.Tensor], caption: str, labels: list[str],
                          experts: torch.Tensor, title: str) -> None:
-    """Write the PNG: the title, the two towers' heatmaps side by side with their legend, then the
-    example caption's picks ([blocks, n, k], at most CAPTION_TOKENS_SHOWN tokens drawn)."""
-    canvas = _Canvas()
-    num_experts = shares["image"].shape[1]
-    top_k = experts.shape[2]
-    canvas.text([title])
-    maps = [_heatmap(canvas, f"{tower} tower: % of each block's top-{top_k} picks per expert", tower_shares)
-            for tower, tower_shares in shares.items()]
-    side_by_side, _ = canvas.new(sum(m.width for m in maps) + 3 * ROUTING_PADDING * (len(maps) - 1),
-                                 max(m.height for m in maps))
-    x = 0
-    for heatmap in maps:
-        side_by_side.paste(heatmap, (x, 0))
-        x += heatmap.width + 3 * ROUTING_PADDING
-    canvas.parts.append(side_by_side)
-    canvas.text([f"white: the even share, {100 / num_experts:.1f} %; bluer: more picks (full blue at twice that); "
-                 "redder: fewer (full red at none)."])
-    shown = labels[:CAPTION_TOKENS_SHOWN]
-    cut = f" (first {len(shown)} of {len(labels)} tokens)" if len(labels) > len(shown) else ""
-    canvas.text([" ".join(words) for words in _wrap_to_width(f'one caption: "{caption}"', canvas.font, canvas.draw, 900)]
-                + [f"the {top_k} experts each token picks at each text block{cut}: left the larger weight, "
-                   "colour = expert"])
-    canvas.parts.append(_caption_grid(canvas, shown, experts[:, : len(shown)], num_experts))
-    canvas.save(path)
+    """Write the PNG: under the title and legend, a table with a row per block: the image tower's heatmap
+    ([blocks, E] percent), the text tower's, and the experts each of the caption's first 40 tokens picks."""
+    num_experts, top_k, shown = shares["image"].shape[1], experts.shape[2], labels[:40]
+    even, columns = 100 / num_experts, ([f"e{e}" for e in range(num_experts)] + [""]) * 2 + shown
+    # A row per block (the towers may differ in depth), a cell a list of (colour, number) stripes: one
+    # for a share, one per pick (larger weight first), in pale hues on which black numbers stay readable.
+    palette = [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(e / num_experts, 0.35, 1)) for e in range(num_experts)]
+    image, text = ([[[(_share_colour(s, even), f"{s:.1f}")] for s in row] for row in shares[tower].tolist()]
+                   for tower in ("image", "text"))
+    picks = [[[(palette[e], str(e)) for e in token] for token in block] for block in experts[:, : len(shown)].tolist()]
+    grid = [[*(image_row or [[]] * num_experts), [], *(text_row or [[]] * num_experts), [], *(picks_row or [])]
+            for image_row, text_row, picks_row in itertools.zip_longest(image, text, picks)]
+    lines = [title, f"Heatmaps: % of each block's top-{top_k} picks per expert; white: the even share, {even:.1f} %; "
+             "bluer: more (full blue at twice that); redder: fewer (full red at none).",
+             f'Caption: "{caption}": the {top_k} experts each token (the first 40 at most) picks at each text block, '
+             "the larger weight on the left; colour = expert."]
+    font, row, draw = ImageFont.load_default(), 22, ImageDraw.Draw(Image.new("RGB", (1, 1)))  # a row: 22 pixels
+    cell = max(46, *(draw.textlength(label, font=font) + 8 for label in shown))  # wide enough for a token's label
+    left = row + draw.textlength("block 00", font=font) + 12                     # right of the rows' labels
+    text_lines = [words for line in lines for words in _wrap_to_width(line, font, draw, 900)]
+    top = row * (len(text_lines) + 3)             # the text, a blank row, the groups' names, the columns' labels
+    picture = Image.new("RGB", (int(max(900, left + len(columns) * cell)) + 2 * row, top + row * (len(grid) + 1)),
+                        "white")
+    draw = ImageDraw.Draw(picture)
+    for number, words in enumerate(text_lines):
+        _draw_words(draw, row, row * (number + 1) + 4, words, font)
+    for group, name in enumerate(("image tower", "text tower", "caption")):  # above each group's first column
+        _draw_words(draw, left + group * (num_experts + 1) * cell + 4, top - 2 * row + 4, name.split(), font)
+    for column, label in enumerate(columns):
+        draw.text((left + column * cell + 4, top - row + 4), label, fill="black", font=font)
+    for block, cells in enumerate(grid):
+        y = top + block * row
+        _draw_words(draw, row, y + 4, ["block", str(block)], font)
+        for column, stripes in enumerate(cells):
+            for slot, (colour, number) in enumerate(stripes):
+                width = (cell - 4) / len(stripes)                               # 4 white pixels between columns
+                x = left + column * cell + slot * width
+                draw.rectangle((x, y, x + width, y + row), fill=colour, outline="white")
+                draw.text((x + (width - draw.textlength(number, font=font)) / 2, y + 4), number, font=font,
+                          fill="white" if sum(colour) < 400 else "black")
+    picture.save(path, format="PNG")
 
 
-def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSplit,
-                 image_size: tuple[int, int], split_name: str) -> int:
+def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSplit, image_size: tuple[int, int],
+                 amp_dtype: torch.dtype | None, split_name: str) -> int:
     """`--routing`: draw a DM-Adapter checkpoint's routing on the evaluated split (<out>/routing.png)."""
     if not isinstance(model, dm_adapter.DMAdapter):
         raise CheckpointError("--routing draws DM-Adapter's routers: it needs a checkpoint of method dm_adapter")
-    amp_dtype = autocast_dtype(args.precision, args.device)
-    shares = routing_shares(model, split, tuple(image_size), args.device, amp_dtype, args.batch_size, args.workers)
-    caption = args.routing_caption or split.captions[0]
-    labels, experts = caption_routing(model, caption, args.device, amp_dtype)
+    shares = routing_shares(model, split, image_size, args.device, amp_dtype, args.batch_size, args.workers)
+    caption, path = args.routing_caption or split.captions[0], os.path.join(args.out, "routing.png")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "routing.png")
-    title = (f"DM-Adapter routing on {split_name}: {len(split.image_paths):,} images, {len(split.captions):,} "
-             f"captions (text padding not counted); {args.checkpoint}")
-    save_routing_picture(path, shares, caption, labels, experts, title)
-    num_experts = shares["image"].shape[1]
-    for tower, tower_shares in shares.items():
-        block, expert = divmod(int(tower_shares.argmin()), num_experts)
-        print(f"{tower} tower: each expert gets {float(tower_shares.min()):.1f} to {float(tower_shares.max()):.1f} % "
-              f"of a block's picks (even: {100 / num_experts:.1f} %); fewest: block {block}, expert {expert}")
-    print(f"wrote {path}")
+    save_routing_picture(path, shares, caption, *caption_routing(model, caption, args.device, amp_dtype),
+                         f"DM-Adapter routing on {split_name}: {len(split.image_paths):,} images, "
+                         f"{len(split.captions):,} captions (text padding not counted); {args.checkpoint}")
+    print(*(f"{tower} tower: each expert gets {float(s.min()):.1f} to {float(s.max()):.1f} % of a block's picks "
+            f"(even: {100 / s.shape[1]:.1f} %)" for tower, s in shares.items()), f"wrote {path}", sep="\n")
     return 0
 
 
@@ -1207,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
         if split is None:
             raise data.DataError(f"{dataset_name} has no val split")
         if args.routing:
-            return routing_main(args, model, split, image_size, f"{dataset_name} {args.split}")
+            return routing_main(args, model, split, image_size, amp_dtype, f"{dataset_name} {args.split}")
         image_loader, caption_loader = data.eval_loaders(split, image_size, args.batch_size, args.workers)
         image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]

@@ -4,6 +4,7 @@ DM-Adapter's routing drawn as a picture, and cross-dataset evaluation between th
 One tiny DM-Adapter is trained briefly by train.py on each demo set (drawn at a tiny size); the
 search and routing tests use the one trained on `demo`."""
 
+import colorsys
 import dataclasses
 import os
 import re
@@ -129,10 +130,10 @@ def test_search_a_folder_caches_features_and_reencodes_only_what_changed(runs, t
 
     # Second search: no gallery image is decoded (only the few drawn in the pictures), and the
     # broken file is still counted and listed.
-    def no_decoding(self, i):
-        raise AssertionError(f"{self.paths[i]} was decoded again")
+    def no_decoding(image_size, paths):
+        raise AssertionError(f"{paths} decoded again")
     with monkeypatch.context() as patch:
-        patch.setattr(evaluate.GalleryImages, "__getitem__", no_decoding)
+        patch.setattr(evaluate, "_decode_gallery_batch", no_decoding)
         assert evaluate.main(command) == 0
     again = capsys.readouterr()
     assert len(encoded) == 1 and "6 image files, 6 from the cache" in again.out and "0 decoded now; 5 ranked, 1 unreadable" in again.out
@@ -178,6 +179,14 @@ def test_search_with_zero_shot_clip_and_a_changed_model_reencodes_everything(run
                                 (checkpoint_command, 0), (checkpoint_command, 6)]:
         assert evaluate.main(command) == 0
         assert f"6 image files, {from_cache} from the cache" in capsys.readouterr().out
+
+    # A damaged cache file is said to be ignored, and rebuilt.
+    (out / evaluate.GALLERY_CACHE_FILE).write_bytes(b"not a cache")
+    for from_cache in (0, 6):
+        assert evaluate.main(checkpoint_command) == 0
+        printed = capsys.readouterr()
+        assert f"6 image files, {from_cache} from the cache" in printed.out
+        assert ("ignoring the damaged gallery cache" in printed.err) == (from_cache == 0)
 
 
 def test_model_identity_changes_with_the_checkpoint_file_and_the_input(runs, tmp_path):
@@ -288,15 +297,16 @@ def test_routing_picture_from_the_command_line(runs, tmp_path, capsys):
     with Image.open(out / "routing.png") as picture:
         assert picture.format == "PNG" and picture.width > 400 and picture.height > 200
         colours = {colour for _, colour in picture.convert("RGB").getcolors(1 << 20)}
-    # Every heatmap cell's colour is in the picture, and so is the colour of every expert picked.
+    # Every heatmap cell's colour is in the picture ...
     model, checkpoint = evaluate.load_checkpoint(runs.checkpoint["demo"])
     split = data.load_dataset("demo", runs.root).test
     shares = evaluate.routing_shares(model, split, checkpoint["clip"]["image_size"], "cpu")
     for tower_shares in shares.values():
         for share in tower_shares.flatten().tolist():
             assert evaluate._share_colour(share, 100 / 6) in colours
+    # ... and the pale hue of every expert a token of the caption picks (e / E round the colour wheel).
     _, experts = evaluate.caption_routing(model, split.captions[0], "cpu")
-    palette = evaluate._expert_colours(6)
+    palette = [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(e / 6, 0.35, 1)) for e in range(6)]
     assert {palette[e] for e in experts.flatten().tolist()} <= colours
 
 
@@ -308,8 +318,11 @@ def test_routing_needs_a_dm_adapter_model(runs, capsys):
 
 def test_share_colours_are_white_at_even_use_and_saturate_at_none_and_double():
     assert evaluate._share_colour(25.0, 25.0) == (255, 255, 255)
-    assert evaluate._share_colour(0.0, 25.0) == evaluate.FEWER_COLOUR
-    assert evaluate._share_colour(50.0, 25.0) == evaluate._share_colour(90.0, 25.0) == evaluate.MORE_COLOUR
+    none, double = evaluate._share_colour(0.0, 25.0), evaluate._share_colour(50.0, 25.0)
+    assert none[0] > 2 * none[2] and double[2] > 2 * double[0]   # red for no picks, blue for twice the even share
+    assert evaluate._share_colour(90.0, 25.0) == double
+    halfway = evaluate._share_colour(12.5, 25.0)                  # paler than none, but not white
+    assert all(saturated < paler < 255 for saturated, paler in zip(none, halfway) if saturated < 255)
 
 
 # -----------------------------------------------------------------------------
