@@ -50,6 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+class CLIPError(Exception):
+    """The one error this module raises for a file it cannot use (the BPE vocabulary, weights): the
+    message names the file and says what to do."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE exactly as OpenAI's simple_tokenizer.py
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +104,11 @@ class Tokenizer:
     def __init__(self, vocab_path: str = VOCAB_PATH):
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
+        if not os.path.isfile(vocab_path):
+            raise CLIPError(
+                f"the BPE vocabulary {vocab_path} is missing. Tokenizing text needs it: it ships with this "
+                "project next to clip_min.py, and inside the PyPI wheels of clip-anytorch and open_clip_torch "
+                f"(SHA-256 {VOCAB_SHA256}); put it next to clip_min.py")
         with gzip.open(vocab_path, "rt", encoding="utf-8") as file:
             lines = file.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
@@ -325,9 +336,7 @@ def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: to
     captions of one person). With one caption per identity q is the identity matrix: CLIP's own
     contrastive setting, with the same one-hot target as its InfoNCE loss (which is the
     cross-entropy, i.e. KL(q || p); SDM measures KL(p || q) with log(q + epsilon)).
-    IRRA and both methods fix the temperature at 0.02. From random weights that is too sharp:
-    the gradient that lifts the right pair is proportional to its probability, tiny while the
-    features are random, so training from scratch starts at CLIP's own 0.07 instead.
+    The default temperature, 0.02 (s = 50), is the value IRRA and both methods use.
     Computed in fp32 whatever the autocast context.
     """
     with torch.autocast(image_features.device.type, enabled=False):
@@ -389,10 +398,6 @@ class CLIP(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Building a model from a state dict: every hyper-parameter is read off the tensors' shapes
 # ------------------------------------------------------------------------------------------------
-
-class CLIPError(Exception):
-    """The one error this module raises for weights it cannot load: the message says what to do."""
-
 
 _RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # non-tensor entries in OpenAI's files
 
@@ -522,18 +527,20 @@ def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
                             "delete the file and run again to download it anew")
         return target
     url = RELEASE_URL.format(sha256=sha256, file=file_name)
-    os.makedirs(cache_dir, exist_ok=True)
     partial = target + ".part"  # renamed only once complete and verified
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while block := response.read(1 << 20):
-                out.write(block)
-                done += len(block)
-                percent = f" {100 * done / total:3.0f}%" if total else ""
-                print(f"\rdownloading {file_name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB{percent}",
-                      end="", file=sys.stderr, flush=True)
+        with urllib.request.urlopen(url, timeout=60) as response:
+            # The cache folder is made only now, when there is a file to write into it.
+            os.makedirs(cache_dir, exist_ok=True)
+            with open(partial, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0)
+                done = 0
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    done += len(block)
+                    percent = f" {100 * done / total:3.0f}%" if total else ""
+                    print(f"\rdownloading {file_name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB{percent}",
+                          end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     except (urllib.error.URLError, OSError) as error:
         raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, download "
@@ -555,6 +562,14 @@ def is_torchscript(path: str) -> bool:
         return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
 
 
+def first_line(error: Exception) -> str:
+    """The line of torch.load's error that says what is wrong. Its messages run over many lines of
+    advice; for weights_only refusals the reason follows "WeightsUnpickler error:"."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
+
+
 def read_state_dict(path: str, trust_jit: bool = False) -> dict:
     """The tensors of a checkpoint file. Loading a TorchScript archive runs code from the file, so
     it happens only for a file whose hash is a known release, or when the caller trusts it;
@@ -570,10 +585,13 @@ def read_state_dict(path: str, trust_jit: bool = False) -> dict:
         with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's files are TorchScript
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(path, map_location="cpu").state_dict())
+    if os.path.getsize(path) == 0:
+        raise CLIPError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types; all mean the same to a user
-        raise CLIPError(f"could not read {path} as a state dict saved with torch.save: {error}") from None
+        raise CLIPError(f"could not read {path} as a state dict saved with torch.save: "
+                        f"{first_line(error)}") from None
     if not isinstance(state_dict, dict):
         raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return state_dict

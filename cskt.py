@@ -31,6 +31,12 @@ from torch import nn
 import clip_min
 
 
+# T_0's initial words. Their ids are written out so that building CSKT needs neither the tokenizer
+# nor its vocabulary file: clip_min.tokenize(INIT_TEXT)[0, 1:9].
+INIT_TEXT = "a photo of a person or a pedestrian"
+INIT_IDS = (320, 1125, 539, 320, 2533, 541, 320, 18256)
+
+
 class Adapter(nn.Module):
     """s * up(relu(down(ln_3(x)))): a bottleneck d -> d/reduction -> d with its own LayerNorm."""
 
@@ -89,13 +95,18 @@ class CSKT(nn.Module):
             raise ValueError(f"depth must be between 1 and the number of layers ({layers}), got {depth}")
         self.n_ctx, self.depth = n_ctx, depth
 
-        # BPT. T_0 starts from the pretrained embeddings of "a photo of a" (the first n_ctx tokens
-        # of "a photo of a person or a pedestrian"). The authors build their prompts before
-        # loading CLIP, so their T_0 reads random embeddings; here it reads the loaded ones.
+        # BPT. T_0 starts from the pretrained embeddings of the first n_ctx tokens of INIT_TEXT
+        # ("a photo of a" for n_ctx = 4); beyond its 8 tokens, from N(0, 0.02) as the authors do.
+        # The authors build their prompts before loading CLIP, so their T_0 reads random
+        # embeddings; here it reads the loaded ones.
         embedding = clip_model.token_embedding.weight
-        init_ids = clip_min.tokenize("a photo of a person or a pedestrian")[0, 1 : 1 + n_ctx]
+        if n_ctx <= len(INIT_IDS):
+            init_ids = torch.tensor(INIT_IDS[:n_ctx], device=embedding.device)  # [n]
+            first_text_prompts = embedding[init_ids].detach().clone()  # T_0 [n, w]
+        else:
+            first_text_prompts = 0.02 * torch.randn(n_ctx, text_width)
         self.text_prompts = nn.ParameterList(
-            [nn.Parameter(embedding[init_ids.to(embedding.device)].detach().clone())]  # T_0 [n, w]
+            [nn.Parameter(first_text_prompts)]
             + [nn.Parameter(0.02 * torch.randn(n_ctx, text_width)) for _ in range(depth - 1)])
         self.vision_prompts = nn.ParameterList(
             nn.Parameter(0.02 * torch.randn(n_ctx, vision_width)) for _ in range(depth))  # V_l [n, W]

@@ -56,8 +56,14 @@ class DomainAwareRouter(nn.Module):
         self.domain_prompt = nn.Parameter(torch.randn(width))  # p
         self.alpha = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E]
-        return (1 - self.alpha) * self.input_gate(h) + self.alpha * self.task_gate(self.domain_prompt)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E], fp32
+        # In fp32 under any autocast: the router is tiny, and bf16 or fp16 rounding of its logits
+        # would change which experts a token picks.
+        with torch.autocast(h.device.type, enabled=False):
+            token_logits = F.linear(h.float(), self.input_gate.weight.float())  # [T, E]
+            domain_logits = F.linear(self.domain_prompt.float(), self.task_gate.weight.float())  # [E]
+            alpha = self.alpha.float()
+            return (1 - alpha) * token_logits + alpha * domain_logits
 
 
 class MixtureOfAdapters(nn.Module):
@@ -74,14 +80,15 @@ class MixtureOfAdapters(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [T, d] -> (gates [T, E]: the top-k softmax weights, 0 elsewhere; balance loss l)."""
-        logits = self.router(h).float()  # [T, E]
-        top_logits, chosen = logits.topk(self.top_k, dim=-1)  # [T, k], [T, k]
-        gates = torch.zeros_like(logits).scatter(1, chosen, top_logits.softmax(dim=-1))  # [T, E]
-        # Load balancing: P_e, the mean router probability, is differentiable; f_e, the fraction
-        # of tokens that chose e, is a count. l = sum_e P_e * f_e (= E * mean_e P_e f_e).
-        mean_probability = logits.softmax(dim=-1).mean(dim=0)  # [E]
-        chosen_fraction = torch.zeros_like(logits).scatter(1, chosen, 1.0).mean(dim=0)  # [E]
-        return gates, (mean_probability * chosen_fraction).sum()
+        with torch.autocast(h.device.type, enabled=False):  # logits, top-k and softmax all in fp32
+            logits = self.router(h)  # [T, E]
+            top_logits, chosen = logits.topk(self.top_k, dim=-1)  # [T, k], [T, k]
+            gates = torch.zeros_like(logits).scatter(1, chosen, top_logits.softmax(dim=-1))  # [T, E]
+            # Load balancing: P_e, the mean router probability, is differentiable; f_e, the
+            # fraction of tokens that chose e, is a count. l = sum_e P_e * f_e (= E * mean_e P_e f_e).
+            mean_probability = logits.softmax(dim=-1).mean(dim=0)  # [E]
+            chosen_fraction = torch.zeros_like(logits).scatter(1, chosen, 1.0).mean(dim=0)  # [E]
+            return gates, (mean_probability * chosen_fraction).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, L, d]
         h = self.ln_3(x).flatten(0, 1)  # [T, d], T = B * L tokens

@@ -175,6 +175,13 @@ def test_decode(openai_tokenizer):
     assert clip_min.decode(ids)[1] == openai_tokenizer.decode(row).strip() == "café 中文 👟 it 's 3 o ' clock"
 
 
+def test_missing_vocabulary_file_is_a_clip_error_naming_it(tmp_path):
+    missing = str(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    with pytest.raises(clip_min.CLIPError, match=f"{missing} is missing.*clip-anytorch") as error:
+        clip_min.Tokenizer(missing)
+    assert "\n" not in str(error.value)
+
+
 def test_over_long_text_raises_unless_truncated():
     text = "red " * 100
     with pytest.raises(ValueError, match="context length 77.*truncate=True"):
@@ -271,6 +278,39 @@ def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
     expected_path = os.path.join(str(tmp_path), "ViT-B-16.pt")
     with pytest.raises(clip_min.CLIPError, match=f"could not download ViT-B/16.*put it at {expected_path}"):
         clip_min.load("ViT-B/16", cache_dir=str(tmp_path))
+
+
+def test_cache_folder_is_made_only_when_a_download_writes(tiny_reference, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "clip"
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(clip_min.urllib.request, "urlopen", offline)
+    with pytest.raises(clip_min.CLIPError, match="could not download"):
+        clip_min.load("ViT-B/16", cache_dir=str(cache))
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(clip_min.CLIPError):  # loading a file or a bad name never touches the cache
+        clip_min.load(str(tmp_path / "missing.pt"), cache_dir=str(cache))
+    assert not (tmp_path / "cache").exists()
+
+    buffer = io.BytesIO()
+    torch.save(tiny_reference.state_dict(), buffer)
+    monkeypatch.setitem(clip_min.RELEASES, "tiny", (hashlib.sha256(buffer.getvalue()).hexdigest(), "tiny.pt"))
+    monkeypatch.setattr(clip_min.urllib.request, "urlopen", lambda url, timeout: FakeResponse(buffer.getvalue()))
+    clip_min.load("tiny", image_size=(32, 32), stride=8, cache_dir=str(cache))
+    assert os.listdir(cache) == ["tiny.pt"]
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "is empty"), (random.Random(0).randbytes(4096), "could not read"), (b"PK\x03\x04" + bytes(300), "zip archive"),
+], ids=["empty", "random-bytes", "broken-zip"])
+def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(clip_min.CLIPError) as error:
+        clip_min.load(str(path))
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and reason in message and len(message) < 300, message
 
 
 def test_unknown_name_and_missing_file():

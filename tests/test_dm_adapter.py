@@ -1,13 +1,19 @@
-"""DM-Adapter: the sync-free dispatch equals the authors' per-expert loop, the balance loss equals
-a hand computation, the model starts as CLIP, and ViT-B/16 gets exactly 15,669,528 parameters."""
+"""DM-Adapter: the router and the balance loss equal hand computations (the router in fp32 under
+autocast), the sync-free dispatch equals the authors' per-expert loop, the whole model equals a
+direct transcription of the paper's equations, it starts as CLIP, trains only its mixtures (also
+under bf16 and fp16 autocast, and from a folder holding only clip_min.py and dm_adapter.py), and
+ViT-B/16 gets exactly 15,669,528 parameters."""
 
 import math
+import os
 
 import pytest
 import torch
 
 import clip_min
 import dm_adapter
+from conftest import randomize_
+from test_cskt import check_autocast_training_step, train_in_copied_folder
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=2, text_width=64, text_layers=2)
@@ -137,3 +143,156 @@ def test_parameter_count_at_vit_b_16():
     assert count(model.text_adapters[0]) == 404_353
     assert sum(p.numel() for _, p in model.named_trainable_parameters()) == 15_669_528
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 15_669_528
+
+
+# ------------------------------------------------------------------------------------------------
+# The Domain-Aware Router
+
+def test_router_logits_by_hand():
+    router = dm_adapter.DomainAwareRouter(width=2, num_experts=3)
+    assert router.alpha.item() == 0.5  # the authors' initial alpha
+    with torch.no_grad():
+        router.input_gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]))
+        router.task_gate.weight.copy_(torch.tensor([[0.0, 1.0], [3.0, 0.0], [-1.0, -1.0]]))
+        router.domain_prompt.copy_(torch.tensor([2.0, -1.0]))
+    h = torch.tensor([[1.0, 1.0], [2.0, -1.0]])
+    # input_gate(h) = [[1, 2, 0], [2, -2, 3]]; task_gate(p) = [-1, 6, -1]
+    expected = 0.5 * torch.tensor([[1.0, 2.0, 0.0], [2.0, -2.0, 3.0]]) + 0.5 * torch.tensor([-1.0, 6.0, -1.0])
+    torch.testing.assert_close(router(h), expected)
+    with torch.no_grad():
+        router.alpha.fill_(0.25)  # (1 - alpha) weighs the token, alpha the domain prompt
+    expected = 0.75 * torch.tensor([[1.0, 2.0, 0.0], [2.0, -2.0, 3.0]]) + 0.25 * torch.tensor([-1.0, 6.0, -1.0])
+    torch.testing.assert_close(router(h), expected)
+    router(h).sum().backward()  # alpha, both gates and the prompt all learn
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters())
+
+
+def test_router_picks_the_same_experts_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    mixture = dm_adapter.MixtureOfAdapters(64, num_experts=6, top_k=2, reduction=8, scale=1.0)
+    h = torch.randn(4096, 64)  # enough tokens that some have near-tied logits, which bf16 would flip
+    gates, balance = mixture.route(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_gates, autocast_balance = mixture.route(h)
+        assert mixture.router(h).dtype == torch.float32
+    assert autocast_gates.dtype == autocast_balance.dtype == torch.float32
+    assert torch.equal(autocast_gates > 0, gates > 0)
+    torch.testing.assert_close(autocast_gates, gates, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(autocast_balance, balance, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole model against the paper's equations, with every expert random
+
+UNEVEN = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=128,
+                             vision_layers=2, text_width=64, text_layers=2)
+
+
+def random_model(seed: int = 0) -> dm_adapter.DMAdapter:
+    torch.manual_seed(seed)
+    model = dm_adapter.DMAdapter(randomize_(clip_min.CLIP(UNEVEN), seed))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_trainable_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("ln_3.weight"):
+                parameter.copy_(1 + 0.1 * noise)
+            elif name.endswith("alpha"):
+                parameter.copy_(0.3 + 0.1 * noise)  # away from 0.5, where 1 - alpha = alpha
+            else:
+                parameter.copy_(0.3 * noise)
+    return model.eval()
+
+
+def paper_mixture(mixture, x, scale):
+    """(s * sum over the top-k experts of w_e * expert_e(h), sum_e P_e f_e) with h = ln_3(x), one
+    token at a time."""
+    router = mixture.router
+    h = mixture.ln_3(x).flatten(0, 1)  # [T, d]
+    y, probabilities, chosen_counts = torch.zeros_like(h), [], torch.zeros(len(mixture.experts))
+    for t, token in enumerate(h):
+        logits = (1 - router.alpha) * (router.input_gate.weight @ token) + router.alpha * (
+            router.task_gate.weight @ router.domain_prompt)  # [E]
+        top = logits.topk(2).indices  # k = 2
+        weights = logits[top].softmax(dim=0)
+        for weight, e in zip(weights, top.tolist()):
+            expert = mixture.experts[e]
+            y[t] = y[t] + weight * expert.up(torch.relu(expert.down(token)))
+            chosen_counts[e] += 1
+        probabilities.append(logits.softmax(dim=0))
+    balance = (torch.stack(probabilities).mean(dim=0) * chosen_counts / len(h)).sum()
+    return scale * y.view_as(x), balance
+
+
+def paper_tower(blocks, mixtures, x, scale):
+    """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + s * SMA(ln_3(x)), and the sum of l over blocks."""
+    balances = []
+    for block, mixture in zip(blocks, mixtures):
+        x = x + block.attn(block.ln_1(x))
+        adapted, balance = paper_mixture(mixture, x, scale)
+        x = x + block.mlp(block.ln_2(x)) + adapted
+        balances.append(balance)
+    return x, sum(balances)
+
+
+def test_whole_model_equals_the_paper_s_equations():
+    model = random_model()
+    clip = model.clip
+    images = torch.randn(2, 3, *UNEVEN.image_size)
+    ids = clip_min.tokenize(["a woman in a red coat", "a man"])[:, :12]  # short: the loop is per token
+    pids = torch.tensor([0, 1])
+    with torch.no_grad():
+        x, image_balance = paper_tower(clip.visual.transformer.resblocks, model.vision_adapters,
+                                       clip.visual.ln_pre(clip.visual.embed(images)), scale=0.1)
+        image_features = clip.visual.ln_post(x[:, 0]) @ clip.visual.proj
+        x, text_balance = paper_tower(clip.transformer.resblocks, model.text_adapters,
+                                      clip.token_embedding(ids) + clip.positional_embedding[:12], scale=4.0)
+        text_features = clip.ln_final(x[torch.arange(2), ids.argmax(dim=-1)]) @ clip.text_projection
+        torch.testing.assert_close(model.encode_image(images), image_features)
+        torch.testing.assert_close(model.encode_text(ids), text_features)
+        out = model(images, ids, pids)
+    sdm = clip_min.sdm_loss(image_features, text_features, pids, temperature=0.02)
+    torch.testing.assert_close(out["sdm"], sdm)
+    torch.testing.assert_close(out["aux"], image_balance + text_balance)  # summed over both towers
+    torch.testing.assert_close(out["loss"], sdm + 0.5 * (image_balance + text_balance))
+
+
+def test_balance_loss_is_the_sum_over_every_block_of_both_towers():
+    model = random_model(seed=1)
+    images, ids, pids = torch.randn(2, 3, *UNEVEN.image_size), clip_min.tokenize(["a red coat", "a man"]), torch.tensor([0, 1])
+    per_block = {}
+    for tower in ("vision_adapters", "text_adapters"):
+        for index, mixture in enumerate(getattr(model, tower)):
+            mixture.register_forward_hook(lambda module, args, out, key=(tower, index): per_block.__setitem__(key, out[1]))
+    with torch.no_grad():
+        out = model(images, ids, pids)
+        image_balance = model.image_features_and_balance(images)[1]
+        text_balance = model.text_features_and_balance(ids)[1]
+    assert len(per_block) == UNEVEN.vision_layers + UNEVEN.text_layers
+    vision = sum(v for (tower, _), v in per_block.items() if tower == "vision_adapters")
+    text = sum(v for (tower, _), v in per_block.items() if tower == "text_adapters")
+    torch.testing.assert_close(image_balance, vision)
+    torch.testing.assert_close(text_balance, text)
+    torch.testing.assert_close(out["aux"], image_balance + text_balance)
+    assert min(image_balance, text_balance) > 0.1  # both towers count
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed precision, and the copy promise
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_step_under_autocast(precision):
+    model = tiny_model().train()
+    with torch.no_grad():  # experts that output something, so that the autocast dispatch matters
+        for mixture in (*model.vision_adapters, *model.text_adapters):
+            for expert in mixture.experts:
+                expert.up.weight.normal_(std=0.02)
+    # An expert that no token chose gets no gradient and rightly stays; routers and ln_3 always move.
+    check_autocast_training_step(model, model.named_trainable_parameters(), batch(), precision,
+                                 must_move=lambda name: "experts" not in name)
+
+
+def test_dm_adapter_trains_from_a_folder_with_only_clip_min_and_dm_adapter(tmp_path):
+    result = train_in_copied_folder(tmp_path, "dm_adapter", "dm_adapter.DMAdapter(clip_min.CLIP(config))")
+    assert result.returncode == 0 and "trained one step" in result.stdout, result.stderr[-3000:]
+    assert set(os.listdir(tmp_path)) - {"__pycache__"} == {"check.py", "clip_min.py", "dm_adapter.py"}
