@@ -346,6 +346,15 @@ def test_unsafe_or_foreign_files_raise_clip_errors(tmp_path):
         pickle.dump(gzip.GzipFile, file)
     with pytest.raises(clip_min.CLIPError, match="could not read .*pickled.pt as a state dict"):
         clip_min.load(str(pickled))
+    # A torch.save file whose unpickling would run code (here: make a folder). weights_only refuses it.
+    marker = tmp_path / "code-ran"
+    class RunsCode:
+        def __reduce__(self):
+            return os.makedirs, (str(marker),)
+    torch.save({"visual.proj": RunsCode()}, tmp_path / "runs-code.pt")
+    with pytest.raises(clip_min.CLIPError, match="could not read .*runs-code.pt as a state dict"):
+        clip_min.load(str(tmp_path / "runs-code.pt"))
+    assert not marker.exists()
     a_list = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], a_list)
     with pytest.raises(clip_min.CLIPError, match="holds a list, not a state dict"):
@@ -373,6 +382,18 @@ def test_sdm_loss_by_hand():
     per_row = p_2 * (math.log(p_2) - math.log(1 + 1e-8)) + p_1 * (math.log(p_1) - math.log(1e-8))
     loss = clip_min.sdm_loss(features, features.flip(0), torch.tensor([0, 1]))
     assert math.isclose(loss.item(), 2 * per_row, rel_tol=1e-5)
+
+
+def test_sdm_loss_is_computed_in_fp32_under_autocast():
+    torch.manual_seed(1)
+    images, texts, pids = torch.randn(16, 32), torch.randn(16, 32), torch.arange(16) % 5
+    exact = clip_min.sdm_loss(images, texts, pids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = clip_min.sdm_loss(images, texts, pids)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=1e-6, atol=1e-6)
+    half_inputs = clip_min.sdm_loss(images.bfloat16(), texts.bfloat16(), pids)
+    torch.testing.assert_close(half_inputs, clip_min.sdm_loss(images.bfloat16().float(), texts.bfloat16().float(), pids))
 
 
 def test_sdm_loss_matches_a_direct_transcription():

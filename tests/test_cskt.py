@@ -99,8 +99,12 @@ def test_prompts_sit_after_the_patches_and_at_text_positions_1_to_8():
     with torch.no_grad():
         model.encode_image(images)
         model.encode_text(ids)
-        vision = [model.vision_layer_prompts(layer) for layer in range(2)]
-        text = [model.text_layer_prompts(layer) for layer in range(2)]
+        # The order inside each tower's 2n prompts: [T2V(T_l), V_l] in vision, [T_l, V2T(V_l)] in text.
+        # (Attention is blind to the order of the vision prompts, which have no position: only
+        # their place in the sequence shows it.)
+        T, V = model.text_prompts, model.vision_prompts
+        vision = [torch.cat([model.text_to_vision[layer](T[layer]), V[layer]]) for layer in range(2)]
+        text = [torch.cat([T[layer], model.vision_to_text[layer](V[layer])]) for layer in range(2)]
     patches = visual.grid[0] * visual.grid[1]
     assert vision_pre[0].shape[1] == 1 + patches + n
     torch.testing.assert_close(vision_pre[0][:, 1 + patches:], vision[0].expand(4, -1, -1))  # layer 0

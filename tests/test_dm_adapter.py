@@ -122,6 +122,7 @@ def test_at_initialisation_the_model_is_exactly_clip():
 
 def test_training_step_changes_only_adapters():
     model = tiny_model().train()
+    assert model.training and not model.clip.training  # the frozen backbone stays in evaluation mode
     backbone = {k: v.clone() for k, v in model.clip.state_dict().items()}
     trainable = dict(model.named_trainable_parameters())
     out = model(*batch())

@@ -47,6 +47,25 @@ def test_clip_constants_and_vit_b_16_shape():
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, clip_min.QuickGELU)
 
 
+def test_clip_initialisation_from_scratch_is_openai_s():
+    """OpenAI's initialize_parameters, for training from scratch (the demo's tiny CLIP)."""
+    torch.manual_seed(0)
+    width, layers = 256, 4
+    model = clip_min.CLIP(clip_min.CLIPConfig(embed_dim=64, image_size=(32, 32), patch_size=8, vision_width=width,
+                                              vision_layers=1, text_width=width, text_layers=layers))
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert_normal([model.token_embedding.weight], 0.02, "token_embedding")
+    assert_normal([model.positional_embedding], 0.01, "positional_embedding")
+    assert_normal([model.text_projection], width ** -0.5, "text_projection")
+    blocks = model.transformer.resblocks
+    assert_normal([b.attn.in_proj_weight for b in blocks], width ** -0.5, "in_proj")
+    assert_normal([b.attn.out_proj.weight for b in blocks], width ** -0.5 * (2 * layers) ** -0.5, "out_proj")
+    assert_normal([b.mlp.c_fc.weight for b in blocks], (2 * width) ** -0.5, "c_fc")
+    assert_normal([b.mlp.c_proj.weight for b in blocks], width ** -0.5 * (2 * layers) ** -0.5, "c_proj")
+    visual = model.visual
+    assert_normal([visual.class_embedding, visual.positional_embedding, visual.proj], width ** -0.5, "visual")
+
+
 def test_quick_gelu_is_x_sigmoid_1_702_x():
     x = torch.linspace(-6, 6, 101)
     torch.testing.assert_close(clip_min.QuickGELU()(x), x * torch.sigmoid(1.702 * x), rtol=0, atol=0)
@@ -184,7 +203,7 @@ def test_test_transform_is_a_bilinear_resize_and_clip_normalisation():
     transform = data.build_transform((64, 32))
     resized = np.asarray(image.resize((32, 64), Image.BILINEAR), dtype=np.float32) / 255  # PIL size is (W, H)
     expected = (torch.from_numpy(resized).permute(2, 0, 1) - MEAN) / STD
-    torch.testing.assert_close(transform(image), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(transform(image), expected, rtol=0, atol=3e-7)  # about 1 ulp
     assert torch.equal(transform(image), transform(image))  # nothing random at test time
 
 
