@@ -203,7 +203,7 @@ def paper_text_features(model, ids):
     return clip.ln_final(eot) @ clip.text_projection
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("depth", [2, 3])  # 2 of 3 layers: the last one keeps what layer 1 made
 def test_features_equal_the_paper_s_equations(depth):
     model = random_cskt(depth)
     images, ids, pids = batch()
