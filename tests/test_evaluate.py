@@ -283,3 +283,73 @@ def test_words_of_a_wrapped_query_stay_apart(tmp_path):
             run += 1
     word_gaps = [gap for gap in gaps if gap >= 5]  # within "mmmm" the strokes are 1 or 2 apart
     assert len(word_gaps) >= 3, gaps
+
+
+# -----------------------------------------------------------------------------
+# Device, precision and checkpoints (train.py's and evaluate.py's shared policy)
+
+
+def test_a_gpu_is_this_process_s_and_must_exist(monkeypatch):
+    # torchrun gives each process its GPU as LOCAL_RANK; "auto" and an index-less "cuda" use it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert evaluate.pick_device("auto", 3) == torch.device("cuda", 3)
+    assert evaluate.pick_device("cuda", 2) == torch.device("cuda", 2)
+    assert evaluate.pick_device("cuda:3", 1) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="only 4 GPU"):
+        evaluate.pick_device("cuda:4")
+
+
+def test_auto_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_the_cpu(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert evaluate.autocast_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert evaluate.autocast_dtype("auto", cuda) == torch.float16
+    assert evaluate.autocast_dtype("auto", torch.device("cpu")) is None
+    assert evaluate.autocast_dtype("auto", torch.device("mps")) == torch.float16
+    cpu = torch.device("cpu")
+    assert [evaluate.autocast_dtype(p, cpu) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+
+
+def test_fp32_autocast_leaves_the_forward_pass_in_fp32():
+    a = torch.randn(4, 4)
+    with evaluate.autocast(torch.device("cpu"), None):
+        assert (a @ a).dtype == torch.float32
+    with evaluate.autocast(torch.device("cpu"), torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+
+
+class AdaptedModel(nn.Module):
+    """A frozen backbone under the name "clip." and a trained part beside it, as CSKT and DM-Adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip = nn.Linear(3, 3).requires_grad_(False)
+        self.adapter = nn.Linear(3, 2)
+
+
+def test_trained_weights_fit_only_a_model_with_exactly_those_weights():
+    model = AdaptedModel()
+    trained = evaluate.trained_state(model)
+    assert sorted(trained) == ["adapter.bias", "adapter.weight"]  # the backbone is not saved
+    evaluate.load_trained(AdaptedModel(), trained, "best.pt")
+    with pytest.raises(evaluate.CheckpointError, match=r"best\.pt does not fit this model: .*missing \['adapter\.bias'\]"):
+        evaluate.load_trained(AdaptedModel(), {"adapter.weight": trained["adapter.weight"]}, "best.pt")
+    with pytest.raises(evaluate.CheckpointError, match=r"unexpected weights \['extra'\]"):
+        evaluate.load_trained(AdaptedModel(), {**trained, "extra": torch.zeros(1)}, "best.pt")
+
+
+def test_a_file_that_is_not_train_py_s_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "state_dict.pt"
+    torch.save(AdaptedModel().state_dict(), path)  # a weights file, e.g. a CLIP state dict
+    with pytest.raises(evaluate.CheckpointError, match="not a checkpoint written by train.py"):
+        evaluate.read_checkpoint(str(path))
+
+
+def test_right_identity_is_framed_green_and_wrong_red():
+    # The promise of evaluate.py --save-examples: green is the right person, red a wrong one.
+    red, green, blue = evaluate.CORRECT_COLOUR
+    assert green > 2 * max(red, blue)
+    red, green, blue = evaluate.WRONG_COLOUR
+    assert red > 2 * max(green, blue)
