@@ -476,3 +476,74 @@ def test_demo_round_trip_through_the_reader(tmp_path, monkeypatch):
     assert Image.open(demo.test.image_paths[0]).size == data.DEMO_IMAGE_SIZE[::-1]
     pretrain = data.load_dataset("demo-pretrain", str(tmp_path))
     assert pretrain.val is None and len(pretrain.test.image_paths) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# What the readers and loaders promise, case by case
+
+@pytest.mark.parametrize("name", ["validation", "gallery"])
+def test_a_split_neither_train_nor_test_is_val(cuhk, name):
+    entries = changed(4, split=name)(cuhk_entries())
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
+    assert data.load_dataset("CUHK-PEDES", str(cuhk)).val.image_pids.tolist() == [20]
+
+
+@pytest.mark.parametrize("case", ["no val entries", "id true", "id 2**63", "path beside imgs"])
+def test_more_bad_input_raises_one_line(cuhk, case):
+    spoiler, pattern = {
+        "no val entries": (lambda entries: entries[:4] + entries[5:], r"reid_raw\.json: no valid 'val' entries"),
+        "id true": (changed(0, id=True), r"entry 0: 'id' should be int, got bool"),  # JSON true is not an id
+        "id 2**63": (changed(0, id=2**63), r"entry 0: 'id' 9223372036854775808 does not fit in 64 bits"),
+        # imgs2/ starts with the characters of imgs/ but is not inside it
+        "path beside imgs": (changed(2, file_path="../imgs2/003.png"), r"entry 2: image path '\.\./imgs2/003\.png' is not inside"),
+    }[case]
+    (cuhk / "CUHK-PEDES/imgs2").mkdir()
+    Image.new("RGB", (12, 24)).save(cuhk / "CUHK-PEDES/imgs2/003.png")
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(spoiler(cuhk_entries())))
+    with pytest.raises(data.DataError, match=pattern):
+        data.load_dataset("CUHK-PEDES", str(cuhk))
+
+
+def test_the_smallest_64_bit_id_is_accepted(cuhk):
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(changed(5, id=-2**63)(cuhk_entries())))
+    assert data.load_dataset("CUHK-PEDES", str(cuhk)).test.image_pids.tolist() == [-2**63, 31]
+
+
+def test_every_8_bit_grey_level_widened_to_16_bits_comes_back(tmp_path):
+    # An 8-bit level v is 257 v in 16 bits (0 -> 0, 255 -> 65535): each of the 256 must return as v.
+    levels = np.arange(256)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray((levels * 257).astype(np.uint16)[None]).save(path)
+    assert np.asarray(data.load_image(str(path)))[0, :, 0].tolist() == levels.tolist()
+
+
+def numbered_pairs(tmp_path, n=64):
+    """A TrainSplit of n pairs that all show one small image; sample k has identity k."""
+    Image.new("RGB", (4, 8)).save(tmp_path / "one.png")
+    return data.TrainSplit([str(tmp_path / "one.png")], torch.zeros(n, dtype=torch.long), torch.arange(n),
+                           ["a person."] * n, torch.zeros(n, 77, dtype=torch.long), 0, n)
+
+
+def test_the_training_order_is_shuffled_by_the_seed(tmp_path):
+    split = numbered_pairs(tmp_path)
+
+    def order(seed):
+        loader = data.train_loader(split, (8, 4), batch_size=8, workers=0, augment=False, seed=seed)
+        return torch.cat([batch["pids"] for batch in loader]).tolist()
+    assert sorted(order(1)) == list(range(64)) and order(1) != list(range(64))  # every pair once, shuffled
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+def test_ddp_ranks_share_each_epoch_shuffled(tmp_path, monkeypatch):
+    # Each rank reads a disjoint half of the shuffled pairs; set_epoch draws another order.
+    split = numbered_pairs(tmp_path)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    halves = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *args: rank)
+        loader = data.train_loader(split, (8, 4), batch_size=8, workers=0, augment=False, seed=1, distributed=True)
+        halves.append(torch.cat([batch["pids"] for batch in loader]).tolist())
+        loader.sampler.set_epoch(1)
+        assert torch.cat([batch["pids"] for batch in loader]).tolist() != halves[-1]
+    assert sorted(halves[0] + halves[1]) == list(range(64))
+    assert halves[0] != list(range(0, 64, 2)) and halves[0] != list(range(32))
