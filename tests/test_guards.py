@@ -1,0 +1,112 @@
+"""train.py and evaluate.py's command line, seen from outside: which split chooses the best epoch
+and which one is reported, what best.pt holds when val results tie or a run is resumed, when val
+is evaluated, which parameters count as biases, and the flags that must stay accepted.
+
+A run with the same val R1 at every epoch cannot tell "the first best epoch" from "the last one",
+and a resumed run compared with an uninterrupted one cannot see a mistake both share: these tests
+script the val R1 (the weights still train) and check the checkpoints against it."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import clip_min
+import data
+import evaluate
+import train
+from test_train import TINY, arguments, journal, setup  # noqa: F401  (setup is a fixture)
+
+
+def split_name(split):
+    """The folder the fixture keeps a split's images in: 'train', 'val' or 'test'."""
+    folders = {os.path.basename(os.path.dirname(path)) for path in split.image_paths}
+    assert len(folders) == 1, folders
+    return folders.pop()
+
+
+EVALUATE_LOADERS = evaluate.evaluate_loaders  # the real one, before any test replaces it
+
+
+def script_val_r1(monkeypatch, r1_values):
+    """evaluate_loaders reports these R1 values, in turn, on val. Returns the list of its calls:
+    (split evaluated, the model's trained weights at that moment)."""
+    evaluated, values = [], iter(r1_values)
+
+    def scripted(model, loaders, split, *args, **kwargs):
+        evaluated.append((split_name(split), evaluate.trained_state(model)))
+        metrics = EVALUATE_LOADERS(model, loaders, split, *args, **kwargs)
+        return {**metrics, "R1": next(values)} if evaluated[-1][0] == "val" else metrics
+
+    monkeypatch.setattr(evaluate, "evaluate_loaders", scripted)
+    return evaluated
+
+
+def test_best_pt_is_the_first_best_val_epoch_and_the_test_split_is_scored_with_it(setup, tmp_path, monkeypatch):
+    # A collapsed model scores R1 0 at every evaluation: the first evaluated epoch stays the best
+    # (a later epoch must do better, not as well), and best.pt must exist even then.
+    evaluated = script_val_r1(monkeypatch, [0.0, 0.0])
+    pairs = len(data.load_dataset("CUHK-PEDES", str(setup[0])).train.captions)
+    out = tmp_path / "run"
+    # --batch-size = every training pair: a dataset of exactly one batch trains (1 step per epoch).
+    argv = arguments(setup, out, "--epochs", "3", "--eval-every", "2", "--batch-size", str(pairs))
+    assert train.main(argv) == 0
+
+    # Val every 2nd epoch and always after the last one (epochs 2 and 3), then the test split once.
+    assert [name for name, _ in evaluated] == ["val", "val", "test"]
+    assert [e["epoch"] for e in journal(out) if e.get("split") == "val"] == [2, 3]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == 1  # 0-based: epoch 2, the first with the best R1
+    # The test split is scored with best.pt's weights, not the last epoch's.
+    scored, last = evaluated[-1][1], torch.load(out / "last.pt", weights_only=True)["trainable"]
+    assert scored.keys() == best["trainable"].keys()
+    assert all(torch.equal(scored[k], best["trainable"][k]) for k in scored)
+    assert not all(torch.equal(scored[k], last[k]) for k in scored)  # the two epochs differ
+    # test_metrics.json is best.pt scored on the test split's own images and captions.
+    reported = json.loads((out / "test_metrics.json").read_text())
+    model, _ = evaluate.load_checkpoint(str(out / "best.pt"))
+    test = data.load_dataset("CUHK-PEDES", str(setup[0])).test
+    expected = EVALUATE_LOADERS(model, data.eval_loaders(test, (32, 16)), test, "cpu")
+    assert reported == {"epoch": 2, **{k: pytest.approx(v, abs=1e-9) for k, v in expected.items()}}
+
+
+def test_resume_keeps_the_best_val_epoch_and_stop_after_counts_from_the_resume(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    script_val_r1(monkeypatch, [60.0])
+    assert train.main(arguments(setup, out, "--epochs", "3", "--stop-after", "1")) == 0
+    script_val_r1(monkeypatch, [30.0])  # epoch 2 is worse than epoch 1
+    assert train.main(["--resume", str(out / "last.pt"), "--stop-after", "1"]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1  # one more epoch, not none
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (best["epoch"], best["best"]["R1"]) == (0, 60.0)
+
+
+def test_every_bias_trains_at_the_bias_lr_without_weight_decay():
+    # Fine-tuning trains every CLIP weight; the attention's fused in_proj_bias is a bias too.
+    model = clip_min.CLIP(TINY)
+    optimizer = train.build_optimizer(model, 3e-4, 2.0, 4e-5, (0.9, 0.999), 1e-3, torch.device("cpu"))
+    weights, biases = optimizer.param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    bias_names = {names[id(p)] for p in biases["params"]}
+    assert bias_names == {name for name in names.values() if name.endswith("bias")}
+    assert "visual.transformer.resblocks.0.attn.in_proj_bias" in bias_names
+    assert len(weights["params"]) + len(biases["params"]) == len(names)
+    assert (biases["lr"], biases["weight_decay"], weights["weight_decay"]) == (6e-4, 0.0, 4e-5)
+
+
+def test_dm_adapter_may_route_to_every_expert(tmp_path):
+    args = train.parse_args(["--data", "CUHK-PEDES", "--method", "dm_adapter", "--top-k", "2", "--num-experts", "2",
+                             "--out", str(tmp_path / "run")])
+    assert (args.top_k, args.num_experts) == (2, 2)
+
+
+def test_evaluate_py_scores_the_split_asked_for(setup, monkeypatch):
+    root, clip_path = setup
+    real, loaded = data.eval_loaders, []
+    monkeypatch.setattr(data, "eval_loaders", lambda split, *a, **k: loaded.append(split_name(split)) or real(split, *a, **k))
+    common = ["--method", "clip", "--clip", clip_path, "--image-size", "32", "16", "--stride", "8",
+              "--root", str(root), "--workers", "0", "--data", "CUHK-PEDES"]
+    assert evaluate.main(common) == 0
+    assert evaluate.main([*common, "--split", "val"]) == 0
+    assert loaded == ["test", "val"]  # the default is the test split
