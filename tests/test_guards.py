@@ -6,6 +6,7 @@ A run with the same val R1 at every epoch cannot tell "the first best epoch" fro
 and a resumed run compared with an uninterrupted one cannot see a mistake both share: these tests
 script the val R1 (the weights still train) and check the checkpoints against it."""
 
+import inspect
 import json
 import os
 
@@ -47,11 +48,21 @@ def test_best_pt_is_the_first_best_val_epoch_and_the_test_split_is_scored_with_i
     # A collapsed model scores R1 0 at every evaluation: the first evaluated epoch stays the best
     # (a later epoch must do better, not as well), and best.pt must exist even then.
     evaluated = script_val_r1(monkeypatch, [0.0, 0.0])
+    real_sdm, temperatures = clip_min.sdm_loss, set()
+
+    def recording_sdm(*args, **kwargs):
+        bound = inspect.signature(real_sdm).bind(*args, **kwargs)
+        bound.apply_defaults()
+        temperatures.add(bound.arguments["temperature"])
+        return real_sdm(*args, **kwargs)
+
+    monkeypatch.setattr(clip_min, "sdm_loss", recording_sdm)
     pairs = len(data.load_dataset("CUHK-PEDES", str(setup[0])).train.captions)
     out = tmp_path / "run"
     # --batch-size = every training pair: a dataset of exactly one batch trains (1 step per epoch).
-    argv = arguments(setup, out, "--epochs", "3", "--eval-every", "2", "--batch-size", str(pairs))
+    argv = arguments(setup, out, "--epochs", "3", "--eval-every", "2", "--batch-size", str(pairs), "--temperature", "0.05")
     assert train.main(argv) == 0
+    assert temperatures == {0.05}  # SDM at the temperature asked for
 
     # Val every 2nd epoch and always after the last one (epochs 2 and 3), then the test split once.
     assert [name for name, _ in evaluated] == ["val", "val", "test"]
@@ -93,6 +104,16 @@ def test_every_bias_trains_at_the_bias_lr_without_weight_decay():
     assert "visual.transformer.resblocks.0.attn.in_proj_bias" in bias_names
     assert len(weights["params"]) + len(biases["params"]) == len(names)
     assert (biases["lr"], biases["weight_decay"], weights["weight_decay"]) == (6e-4, 0.0, 4e-5)
+
+
+def test_the_demo_has_its_own_recipe_and_a_flag_given_still_wins(tmp_path):
+    # The README: 64x32 images, 12 epochs of batch 64, lr 6e-3, SDM temperature 0.07, no augmentation.
+    args = train.parse_args(["--out", str(tmp_path / "run")])
+    assert args.data == "demo"
+    assert (args.image_size, args.epochs, args.batch_size, args.lr) == ((64, 32), 12, 64, 6e-3)
+    assert (args.temperature, args.augment) == (0.07, False)
+    args = train.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3", "--temperature", "0.02", "--augment"])
+    assert (args.epochs, args.temperature, args.augment, args.batch_size) == (3, 0.02, True, 64)
 
 
 def test_dm_adapter_may_route_to_every_expert(tmp_path):
