@@ -38,25 +38,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     clip_path = root / "tiny-clip.pt"
     torch.save(clip_min.CLIP(TINY).state_dict(), clip_path)
-    threads = torch.get_num_threads()
-    # Models this small gain nothing from a second thread, and on a loaded machine the threads'
-    # spinning makes each op tens of times slower.
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(data, "DEMO_SIZES", {name: dataclasses.replace(data.DEMO_SIZES[name], **size)
-                                               for name, size in TINY_DEMO.items()})
-            checkpoints = {}
-            for name in TINY_DEMO:
-                out = root / f"run-{name}"
-                assert train.main(["--method", "dm_adapter", "--data", name, "--root", str(root), "--clip",
-                                   str(clip_path), "--image-size", *IMAGE_SIZE, "--stride", "8", "--epochs", "1",
-                                   "--warmup-epochs", "0", "--batch-size", "8", "--lr", "1e-3", "--workers", "0",
-                                   "--out", str(out)]) == 0
-                checkpoints[name] = str(out / "best.pt")
-            yield types.SimpleNamespace(root=str(root), clip=str(clip_path), checkpoint=checkpoints)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "DEMO_SIZES", {name: dataclasses.replace(data.DEMO_SIZES[name], **size)
+                                           for name, size in TINY_DEMO.items()})
+        checkpoints = {}
+        for name in TINY_DEMO:
+            out = root / f"run-{name}"
+            assert train.main(["--method", "dm_adapter", "--data", name, "--root", str(root), "--clip",
+                               str(clip_path), "--image-size", *IMAGE_SIZE, "--stride", "8", "--epochs", "1",
+                               "--warmup-epochs", "0", "--batch-size", "8", "--lr", "1e-3", "--workers", "0",
+                               "--out", str(out)]) == 0
+            checkpoints[name] = str(out / "best.pt")
+        yield types.SimpleNamespace(root=str(root), clip=str(clip_path), checkpoint=checkpoints)
 
 
 # -----------------------------------------------------------------------------

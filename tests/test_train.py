@@ -373,7 +373,7 @@ def test_bad_inputs_exit_1_with_one_clear_line(setup, tmp_path, capsys, case):
                          "error: /nonexistent/datasets/CUHK-PEDES: dataset folder not found. Get CUHK-PEDES"),
         "missing clip": (["--clip", "/nonexistent/clip.pt"], "error: no such file: /nonexistent/clip.pt"),
         "random-bytes clip": (["--clip", str(garbage)], f"error: could not read {garbage}"),
-        "empty clip": (["--clip", str(garbage)], f"error: could not read {garbage}"),
+        "empty clip": (["--clip", str(garbage)], f"error: {garbage} is empty (0 bytes), not a checkpoint"),
     }[case]
     assert train.main(arguments(setup, tmp_path / "run", *extra)) == 1
     err = capsys.readouterr().err
