@@ -38,7 +38,7 @@ import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -463,18 +463,14 @@ def eval_loaders(split: EvalSplit, image_size: tuple[int, int], batch_size: int 
 # ------------------------------------------------------------------------------------------------
 # The synthetic demo sets: little people drawn with PIL, in two domains
 # ------------------------------------------------------------------------------------------------
-# No real dataset or pretrained CLIP can be downloaded offline, so the demo stands in for both
-# halves of the pipeline. "demo-pretrain" is a corpus to train a tiny CLIP on from scratch (in
-# place of OpenAI's pretraining); "demo" is the retrieval set the methods adapt that CLIP to. An
-# identity is a fixed combination of attributes, each with few values shared by many identities,
-# so only the combination identifies; its images differ in pose, scale, background and lighting.
-# The demo domain has colours and a pattern, wording, clutter and camera noise that the pretraining
-# corpus never shows: a frozen backbone has something to adapt to. All the knobs are here.
+# No dataset or pretrained CLIP can be downloaded offline, so the demo draws both: "demo-pretrain",
+# a corpus to train a tiny CLIP on from scratch (in place of OpenAI's pretraining), and "demo", the
+# retrieval set the methods adapt it to, in a domain the corpus never shows. An identity is a
+# combination of attribute values, each shared by many; its pictures vary pose, scale, scene, light.
 
-DEMO_IMAGE_SIZE = (128, 64)  # (H, W) of the stored pictures
-# JPEG like the real sets, at a quality that keeps stripes and colours crisp (no chroma
-# subsampling); PNG would take 15x longer to write, since sensor noise does not compress.
-JPEG = dict(quality=95, subsampling=0)
+DEMO_VERSION = 2  # in every demo set's stamp: bump it whenever the pictures or the captions change
+DEMO_IMAGE_SIZE = (128, 64)  # (H, W)
+JPEG = dict(quality=95, subsampling=0)  # crisp stripes; PNG writes 15x slower (noise does not compress)
 
 
 @dataclass(frozen=True)
@@ -489,318 +485,178 @@ class DemoSize:
 
 DEMO_SIZES = {"demo": DemoSize(train_ids=200, val_ids=50, test_ids=50, seed=0),
               "demo-pretrain": DemoSize(train_ids=800, val_ids=0, test_ids=50, images_per_id=3, seed=1)}
-
-COLOURS = {"black": (30, 30, 30), "white": (235, 235, 235), "grey": (128, 128, 128),
-           "red": (200, 30, 30), "blue": (35, 65, 200), "green": (35, 150, 55), "yellow": (240, 210, 40),
-           "purple": (120, 45, 160), "orange": (245, 130, 25), "pink": (245, 150, 190),
-           "brown": (115, 70, 35), "teal": (15, 135, 135)}
-HAIR_COLOURS = {"black": COLOURS["black"], "brown": COLOURS["brown"], "grey": COLOURS["grey"],
-                "blond": (225, 195, 115)}
-PATTERNS = ("plain", "striped", "checked", "logo")  # of the top
-BOTTOMS = ("trousers", "shorts", "skirt")  # skirts only on women
-BAGS = ("none", "backpack", "handbag")
+COLOURS = {"black": (30, 30, 30), "white": (235, 235, 235), "grey": (128, 128, 128), "red": (200, 30, 30),
+           "blue": (35, 65, 200), "green": (35, 150, 55), "yellow": (240, 210, 40), "purple": (120, 45, 160),
+           "orange": (245, 130, 25), "pink": (245, 150, 190), "brown": (115, 70, 35), "teal": (15, 135, 135)}
+HAIR_COLOURS = {"black": (30, 30, 30), "brown": (115, 70, 35), "grey": (128, 128, 128), "blond": (225, 195, 115)}
 HELD_OUT = {"purple", "orange", "checked"}  # never in demo-pretrain
 SKIN_TONES = ((240, 205, 180), (215, 170, 135), (170, 120, 90), (110, 75, 55))
-LONG_HAIR_P = {"man": 0.15, "woman": 0.7}
-OMIT_P = 0.3        # chance that a caption leaves out hair, bag or shoes, as annotators do
-COLOUR_JITTER = 12  # per channel and image: the same colour is never quite the same pixels
-BACKGROUND_TINT = 12  # most a background channel strays from grey: too dull to pass for a garment
-
-# Caption wording: a main clause (who, top, bottom), then the optional parts in random order.
-# demo-pretrain reads like terse alt text, demo like the sentences of CUHK-PEDES.
-PRETRAIN_WORDS = {
-    "join": ", ",
-    # Web captions begin in many ways. Learning that teaches the tiny CLIP's text tower to read a
-    # description wherever it starts, as OpenAI's CLIP can (CSKT puts 8 prompt tokens in front).
-    "prefix": ("", "", "", "a photo of a person: ", "photo of a pedestrian, ", "cctv still: ",
-               "image of someone in the street, ", "a photo of a person or a pedestrian, ",
-               "snapshot from a camera at the station: ", "picture, "),
-    "person": {"man": ("man", "guy"), "woman": ("woman", "girl")},
-    "main": ("a {person} wearing {top} and {bottom}", "{person} in {top} and {bottom}",
-             "a photo of a {person} in {bottom} and {top}"),
-    "top": {"plain": "a {sleeves}-sleeved {colour} {noun}",
-            "striped": "a {sleeves}-sleeved {colour} striped {noun}",
-            "checked": "a {sleeves}-sleeved {colour} checked {noun}",
-            "logo": "a {sleeves}-sleeved {colour} {noun} with a logo"},
-    "top_noun": ("shirt", "top"),
-    "bottom": {"trousers": ("{colour} trousers",), "shorts": ("{colour} shorts",), "skirt": ("a {colour} skirt",)},
-    "hair": ("with {length} {colour} hair",),
-    "backpack": ("carrying a {colour} backpack",),
-    "handbag": ("carrying a {colour} handbag", "with a {colour} bag"),
-    "shoes": ("{colour} shoes", "wearing {colour} shoes"),
-}
-DEMO_WORDS = {
-    "join": " ",
-    "prefix": ("",),
-    "person": {"man": ("man", "male pedestrian", "gentleman"),
-               "woman": ("woman", "female pedestrian", "lady")},
-    "main": ("The {person} is wearing {top} and {bottom}.",
-             "This {person} is dressed in {top} with {bottom}.",
-             "A {person} walking in {top} and {bottom}."),
-    "top": {"plain": "a {colour} {noun} with {sleeves} sleeves",
-            "striped": "a {colour} {noun} with stripes and {sleeves} sleeves",
-            "checked": "a {colour} checked {noun} with {sleeves} sleeves",
-            "logo": "a {colour} {noun} with {sleeves} sleeves and a logo on the front"},
-    "top_noun": ("top", "shirt", "t-shirt"),
-    "bottom": {"trousers": ("{colour} pants", "{colour} jeans", "{colour} trousers"),
-               "shorts": ("{colour} shorts",), "skirt": ("a {colour} skirt",)},
-    "hair": ("{He} has {length} {colour} hair.", "{His} hair is {colour} and {length}."),
-    "backpack": ("{He} carries a {colour} backpack.", "There is a {colour} backpack on {his} back."),
-    "handbag": ("{He} holds a {colour} handbag.", "A {colour} bag hangs from {his} hand."),
-    "shoes": ("{He} wears {colour} shoes.", "{His} shoes are {colour}."),
-}
-
-
-@dataclass(frozen=True)
-class DemoDomain:
-    colours: tuple[str, ...]  # of tops, bottoms, bags and shoes
-    hair_colours: tuple[str, ...]
-    patterns: tuple[str, ...]
-    bottoms: tuple[str, ...]
-    clutter: int                     # at most this many background shapes per image
-    brightness: tuple[float, float]  # range of a per-image lighting factor
-    noise: float                     # std of per-pixel sensor noise, in 0..255 steps
-    words: dict
-    # Chance that a caption goes on with a second description of the same person. Long
-    # captions train the text tower's positions up to ~70, which CSKT needs: its 8 prompt tokens
-    # move every word 8 positions to the right.
-    second_description: float = 0.0
-
-
-def _shown(values) -> tuple[str, ...]:
-    return tuple(v for v in values if v not in HELD_OUT)
-
-
+# Each domain: whether HELD_OUT values occur, at most `clutter` boxes in a scene, a lighting factor
+# drawn from `brightness`, sensor noise of std `noise` (0..255 steps), and its captions: who wears
+# what, then hair, shoes and bag in random order, each left out 30 % of the time as annotators do.
+# demo-pretrain reads like alt text, whose many openings teach the text tower to find a description
+# wherever it starts (CSKT puts 8 prompts in front); demo reads like the sentences of CUHK-PEDES.
 DEMO_DOMAINS = {
-    "demo-pretrain": DemoDomain(_shown(COLOURS), _shown(HAIR_COLOURS), _shown(PATTERNS), _shown(BOTTOMS),
-                                clutter=2, brightness=(0.95, 1.05), noise=0.0, words=PRETRAIN_WORDS,
-                                second_description=0.5),
-    "demo": DemoDomain(tuple(COLOURS), tuple(HAIR_COLOURS), PATTERNS, BOTTOMS,
-                       clutter=5, brightness=(0.8, 1.0), noise=4.0, words=DEMO_WORDS),
-}
+    "demo-pretrain": dict(
+        held_out=False, clutter=2, brightness=(0.95, 1.05), noise=0, join=", ",
+        prefix=("", "", "", "a photo of a person: ", "photo of a pedestrian, ", "cctv still: ", "picture, ",
+                "image of someone in the street, ", "a photo of a person or a pedestrian, "),
+        person={"man": ("man", "guy"), "woman": ("woman", "girl")}, noun=("shirt", "top"),
+        main=("a {person} wearing {upper} and {lower}", "{person} in {upper} and {lower}",
+              "a photo of a {person} in {lower} and {upper}"),
+        top={"plain": "a {sleeves}-sleeved {top} {noun}", "striped": "a {sleeves}-sleeved {top} striped {noun}",
+             "logo": "a {sleeves}-sleeved {top} {noun} with a logo"},
+        trousers=("{bottom} trousers",), shorts=("{bottom} shorts",), skirt=("a {bottom} skirt",),
+        hair=("with {hair_length} {hair} hair",), shoes=("{shoes} shoes", "wearing {shoes} shoes"),
+        backpack=("carrying a {bag_colour} backpack",),
+        handbag=("carrying a {bag_colour} handbag", "with a {bag_colour} bag")),
+    "demo": dict(
+        held_out=True, clutter=5, brightness=(0.8, 1.0), noise=4, join=" ", prefix=("",),
+        person={"man": ("man", "male pedestrian", "gentleman"), "woman": ("woman", "female pedestrian", "lady")},
+        main=("The {person} is wearing {upper} and {lower}.", "This {person} is dressed in {upper} with {lower}.",
+              "A {person} walking in {upper} and {lower}."), noun=("top", "shirt", "t-shirt"),
+        top={"plain": "a {top} {noun} with {sleeves} sleeves", "checked": "a {top} checked {noun} with {sleeves} "
+             "sleeves", "striped": "a {top} {noun} with stripes and {sleeves} sleeves",
+             "logo": "a {top} {noun} with {sleeves} sleeves and a logo on the front"},
+        trousers=("{bottom} pants", "{bottom} jeans", "{bottom} trousers"), shorts=("{bottom} shorts",),
+        skirt=("a {bottom} skirt",), shoes=("{He} wears {shoes} shoes.", "{His} shoes are {shoes}."),
+        hair=("{He} has {hair_length} {hair} hair.", "{His} hair is {hair} and {hair_length}."),
+        backpack=("{He} carries a {bag_colour} backpack.", "There is a {bag_colour} backpack on {his} back."),
+        handbag=("{He} holds a {bag_colour} handbag.", "A {bag_colour} bag hangs from {his} hand."))}
 
 
-@dataclass(frozen=True)
-class Person:
-    """An identity. Two are equal when no caption can tell them apart (build and skin do not count)."""
-    gender: str
-    hair: str
-    hair_length: str
-    top: str
-    pattern: str
-    sleeves: str
-    bottom: str
-    bottom_kind: str
-    bag: str
-    bag_colour: str  # "" without a bag
-    shoes: str
-    build: float = field(compare=False)  # width factor
-    skin: tuple[int, int, int] = field(compare=False)
+def demo_people(name: str, size: DemoSize) -> list[dict]:
+    """The identities of a demo set, train then val then test, as dicts of what a caption can tell;
+    all different, and in "demo" none of demo-pretrain's (at its configured size)."""
+    rng, shown = random.Random(f"{size.seed}:people"), DEMO_DOMAINS[name]["held_out"]
 
-
-def _sample_person(domain: DemoDomain, rng: random.Random) -> Person:
-    gender, bag = rng.choice(("man", "woman")), rng.choice(BAGS)
-    return Person(
-        gender=gender, hair=rng.choice(domain.hair_colours),
-        hair_length="long" if rng.random() < LONG_HAIR_P[gender] else "short",
-        top=rng.choice(domain.colours), pattern=rng.choice(domain.patterns),
-        sleeves=rng.choice(("short", "long")), bottom=rng.choice(domain.colours),
-        bottom_kind=rng.choice([b for b in domain.bottoms if gender == "woman" or b != "skirt"]),
-        bag=bag, bag_colour=rng.choice(domain.colours) if bag != "none" else "",
-        shoes=rng.choice(domain.colours), build=rng.uniform(0.9, 1.15), skin=rng.choice(SKIN_TONES))
-
-
-def demo_people(name: str, size: DemoSize) -> list[Person]:
-    """The identities of a demo set, train then val then test, all different. "demo" shares none
-    with "demo-pretrain" (at its configured size)."""
-    rng = random.Random(f"{size.seed}:people")
-    taken = set(demo_people("demo-pretrain", DEMO_SIZES["demo-pretrain"])) if name == "demo" else set()
-    people = []
+    def pick(values):
+        return rng.choice([v for v in values if shown or v not in HELD_OUT])
+    pretrain = demo_people("demo-pretrain", DEMO_SIZES["demo-pretrain"]) if name == "demo" else []
+    taken = {tuple(p.values()) for p in pretrain}
+    people = {}  # the attribute values -> the person: a person drawn twice is kept once
     while len(people) < size.train_ids + size.val_ids + size.test_ids:
-        person = _sample_person(DEMO_DOMAINS[name], rng)
-        if person not in taken:
-            taken.add(person)
-            people.append(person)
-    return people
+        woman, bag = rng.random() < 0.5, pick(("none", "backpack", "handbag"))
+        person = dict(
+            gender="woman" if woman else "man", hair=pick(HAIR_COLOURS),
+            hair_length="long" if rng.random() < (0.7 if woman else 0.15) else "short", top=pick(COLOURS),
+            pattern=pick(("plain", "striped", "checked", "logo")), sleeves=pick(("short", "long")),
+            bottom=pick(COLOURS), bottom_kind=pick(("trousers", "shorts", "skirt")[: 3 if woman else 2]),
+            bag=bag, bag_colour=pick(COLOURS) if bag != "none" else "", shoes=pick(COLOURS))
+        if tuple(person.values()) not in taken:
+            people[tuple(person.values())] = person
+    return list(people.values())
 
 
-def _caption(p: Person, words: dict, rng: random.Random) -> str:
-    he, his = ("he", "his") if p.gender == "man" else ("she", "her")
-    who = dict(person=rng.choice(words["person"][p.gender]), he=he, He=he.capitalize(), his=his,
-               His=his.capitalize())
-    noun = rng.choice(words["top_noun"])
-    top = words["top"][p.pattern].format(colour=p.top, sleeves=p.sleeves, noun=noun)
-    bottom = rng.choice(words["bottom"][p.bottom_kind]).format(colour=p.bottom)
-    parts = [("hair", dict(colour=p.hair, length=p.hair_length)), ("shoes", dict(colour=p.shoes))]
-    if p.bag != "none":
-        parts.append((p.bag, dict(colour=p.bag_colour)))
-    extras = [rng.choice(words[key]).format(**who, **values)
-              for key, values in parts if rng.random() >= OMIT_P]
+def demo_caption(p: dict, words: dict, rng: random.Random) -> str:
+    he, his = ("he", "his") if p["gender"] == "man" else ("she", "her")
+    fill = dict(p, person=rng.choice(words["person"][p["gender"]]), noun=rng.choice(words["noun"]), he=he,
+                He=he.capitalize(), his=his, His=his.capitalize())
+    upper, lower = words["top"][p["pattern"]].format(**fill), rng.choice(words[p["bottom_kind"]]).format(**fill)
+    extras = [rng.choice(words[key]).format(**fill) for key in ("hair", "shoes", p["bag"])
+              if key != "none" and rng.random() >= 0.3]
     rng.shuffle(extras)
-    text = words["join"].join([rng.choice(words["main"]).format(top=top, bottom=bottom, **who), *extras])
-    text = rng.choice(words["prefix"]) + text
-    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)  # "a orange" -> "an orange"
+    text = words["join"].join([rng.choice(words["main"]).format(upper=upper, lower=lower, **fill), *extras])
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", rng.choice(words["prefix"]) + text)  # "an orange"
 
 
-def _muted(rng: random.Random, low: int = 70, high: int = 200) -> tuple[int, int, int]:
-    grey = rng.randint(low, high)
-    return tuple(grey + rng.randint(-BACKGROUND_TINT, BACKGROUND_TINT) for _ in range(3))
-
-
-def _along(a: tuple, b: tuple, t: float) -> tuple:
-    """The point a fraction t of the way from a to b (where a sleeve or a trouser leg ends)."""
-    return a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
-
-
-def _paint_top(image: Image.Image, torso: list, colour: tuple, pattern: str, chest: tuple, u: float):
-    """Fills the torso polygon with `colour` and its pattern, in an ink that contrasts with it."""
-    layer = Image.new("RGB", image.size, colour)
-    draw = ImageDraw.Draw(layer)
-    ink = (40, 40, 40) if sum(colour) > 330 else (220, 220, 220)  # dark on light colours, light on dark
-    step, width = max(3, round(5 * u)), max(1, round(1.5 * u))
-    if pattern in ("striped", "checked"):
-        for y in range(0, image.height, step):
-            draw.line([(0, y), (image.width, y)], fill=ink, width=width)
-    if pattern == "checked":
-        for x in range(0, image.width, step):
-            draw.line([(x, 0), (x, image.height)], fill=ink, width=width)
-    if pattern == "logo":
-        draw.rectangle((chest[0] - 3 * u, chest[1] - 3 * u, chest[0] + 3 * u, chest[1] + 3 * u), fill=ink)
-    mask = Image.new("L", image.size, 0)
-    ImageDraw.Draw(mask).polygon(torso, fill=255)
-    image.paste(layer, mask=mask)
-
-
-def draw_person(p: Person, domain: DemoDomain, rng: random.Random,
-                noise: np.random.Generator) -> Image.Image:
-    """One picture of `p` standing, seen from the front; pose, scale, scene and light vary per call."""
+def draw_person(p: dict, domain: dict, rng: random.Random, noise: np.random.Generator) -> Image.Image:
+    """One picture of `p` standing, seen from the front: pose, scale, scene and light vary per call."""
     H, W = DEMO_IMAGE_SIZE
 
-    def tint(rgb):
-        return tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in rgb)
-
-    image = Image.new("RGB", (W, H), _muted(rng))
+    def tint(rgb: tuple) -> tuple:  # no colour is ever quite the same pixels, no scenery quite grey
+        return tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in rgb)
+    image = Image.new("RGB", (W, H), tint((rng.randint(70, 200),) * 3))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randint(0, domain.clutter)):  # scenery: boxes and poles
-        x, y = rng.uniform(0, W), rng.uniform(0, H)
-        if rng.random() < 0.5:
-            draw.rectangle((x, y, x + rng.uniform(4, W / 2), y + rng.uniform(4, H / 2)), fill=_muted(rng))
-        else:
-            end = (x + rng.uniform(-W / 2, W / 2), y + H)
-            draw.line((x, y, *end), fill=_muted(rng), width=rng.randint(1, 3))
-    ground = H * rng.uniform(0.96, 0.99)
-    draw.rectangle((0, ground - 2, W, H), fill=_muted(rng, 50, 140))
+    for _ in range(rng.randint(0, domain["clutter"])):  # boxes and poles, too dull to pass for clothes
+        x, y, grey = rng.uniform(-W / 4, W), rng.uniform(0, H), rng.randint(70, 200)
+        draw.rectangle((x, y, x + rng.choice((2, 4, W / 2)), y + rng.uniform(4, H)), fill=tint((grey,) * 3))
+    ground, height = H * rng.uniform(0.96, 0.99), H * rng.uniform(0.8, 0.95)
+    draw.rectangle((0, ground - 2, W, H), fill=tint((rng.randint(50, 140),) * 3))
+    cx, top, u = W / 2 + rng.uniform(-0.08, 0.08) * W, ground - height, height / 100
+    shoulder, waist = (w * p["build"] for w in ((12.5, 11) if p["gender"] == "man" else (10.5, 9.5)))  # half
+    spread, swing, arm, leg = rng.uniform(0, 6), rng.uniform(-3, 3), max(1, round(5 * u)), max(1, round(6.5 * u))
+    skin, hair, shirt = tint(p["skin"]), tint(HAIR_COLOURS[p["hair"]]), tint(COLOURS[p["top"]])
+    bottom, shoes, bag = (tint(COLOURS.get(p[key], (0, 0, 0))) for key in ("bottom", "shoes", "bag_colour"))
 
-    # The body, in units u of 1 % of the person's height.
-    height = H * rng.uniform(0.8, 0.95)
-    u, top, cx = height / 100, ground - height, W / 2 + rng.uniform(-0.08, 0.08) * W
-    r = 6.5 * u  # head radius
-    y_shoulder, y_hip, y_knee, y_ankle = top + 15 * u, top + 50 * u, top + 72 * u, top + 95 * u
-    shoulder = (12.5 if p.gender == "man" else 10.5) * u * p.build  # half widths
-    waist = (11 if p.gender == "man" else 9.5) * u * p.build
-    arm, leg = max(1, round(5 * u)), max(1, round(6.5 * u))
-    spread, swing = rng.uniform(0, 6) * u, rng.uniform(-3, 3) * u
-    skin, hair, shirt = tint(p.skin), tint(HAIR_COLOURS[p.hair]), tint(COLOURS[p.top])
-    bottom, shoes = tint(COLOURS[p.bottom]), tint(COLOURS[p.shoes])
-    bag = tint(COLOURS[p.bag_colour]) if p.bag != "none" else None
+    def at(x: float, y: float) -> tuple:  # body units (1 % of the height; from the middle, the top) -> pixels
+        return cx + x * u, top + y * u
 
-    if p.bag == "backpack":  # behind the body: shows beside the shoulders
-        reach = shoulder + arm + 1.5 * u
-        draw.rectangle((cx - reach, y_shoulder - u, cx + reach, y_shoulder + 26 * u), fill=bag)
-    if p.hair_length == "long":
-        draw.rectangle((cx - 1.15 * r, top + r, cx + 1.15 * r, y_shoulder + 8 * u), fill=hair)
-    covered = {"trousers": 1.0, "shorts": 0.45, "skirt": 0.0}[p.bottom_kind]  # of each leg, from the hip
+    def limb(start: tuple, end: tuple, part: float, cloth: tuple, width: int):  # cloth on `part` of it
+        draw.line((*at(*start), *at(*end)), fill=skin, width=width)
+        draw.line((*at(*start), *at(*(a + part * (b - a) for a, b in zip(start, end)))), fill=cloth, width=width)
+    if p["bag"] == "backpack":  # behind the body: it shows beside the shoulders
+        draw.rectangle((*at(-shoulder - 6, 14), *at(shoulder + 6, 41)), fill=bag)
+    if p["hair_length"] == "long":
+        draw.rectangle((*at(-7.5, 6.5), *at(7.5, 23)), fill=hair)
+    covered = {"trousers": 1.0, "shorts": 0.45, "skirt": 0.0}[p["bottom_kind"]]  # of each leg, from the hip
     for side in (-1, 1):
-        hip, ankle = (cx + side * 4.5 * u, y_hip), (cx + side * (4.5 * u + spread), y_ankle)
-        draw.line([hip, ankle], fill=skin, width=leg)
-        draw.line([hip, _along(hip, ankle, covered)], fill=bottom, width=leg)
-        draw.ellipse((ankle[0] - 4 * u, y_ankle - u, ankle[0] + 4 * u, top + height), fill=shoes)
-    if p.bottom_kind == "skirt":
-        draw.polygon([(cx - waist, y_hip - 2 * u), (cx + waist, y_hip - 2 * u), (cx + 1.6 * waist, y_knee),
-                      (cx - 1.6 * waist, y_knee)], fill=bottom)
-    else:
-        draw.rectangle((cx - waist, y_hip - 2 * u, cx + waist, y_hip + 6 * u), fill=bottom)
-    torso = [(cx - shoulder, y_shoulder), (cx + shoulder, y_shoulder), (cx + waist, y_hip),
-             (cx - waist, y_hip)]
-    _paint_top(image, torso, shirt, p.pattern, (cx, y_shoulder + 9 * u), u)
-    hands = []
-    for side in (-1, 1):
-        start = (cx + side * (shoulder + arm / 2 - u), y_shoulder + 2 * u)
-        hand = (cx + side * (shoulder + arm / 2) + swing, y_hip + 2 * u)
-        draw.line([start, hand], fill=skin, width=arm)
-        draw.line([start, _along(start, hand, 1.0 if p.sleeves == "long" else 0.4)], fill=shirt, width=arm)
-        draw.ellipse((hand[0] - 2.5 * u, hand[1] - 2.5 * u, hand[0] + 2.5 * u, hand[1] + 2.5 * u),
-                     fill=skin)
-        hands.append(hand)
-    if p.bag == "backpack":  # the straps
-        for side in (-1, 1):
-            x = cx + side * 0.55 * shoulder
-            draw.line([(x, y_shoulder), (x, y_shoulder + 18 * u)], fill=bag, width=max(1, round(2 * u)))
-    if p.bag == "handbag":
-        x, y = rng.choice(hands)
-        draw.line([(x, y), (x, y + 3 * u)], fill=(40, 40, 40), width=1)
-        draw.rectangle((x - 4 * u, y + 3 * u, x + 4 * u, y + 12 * u), fill=bag)
-    draw.rectangle((cx - 2.5 * u, top + 2 * r - 2 * u, cx + 2.5 * u, y_shoulder + 1), fill=skin)  # neck
-    draw.ellipse((cx - 0.85 * r, top, cx + 0.85 * r, top + 2 * r), fill=skin)
-    draw.chord((cx - 0.95 * r, top - 0.5 * u, cx + 0.95 * r, top + 1.3 * r), 180, 360, fill=hair)
-
-    pixels = np.asarray(image, dtype=np.float32) * rng.uniform(*domain.brightness)  # [H, W, 3]
-    pixels += noise.normal(0.0, domain.noise, pixels.shape)
+        foot, hand = (4.5 + spread) * side, ((shoulder + 2.5) * side + swing, 52)
+        limb((4.5 * side, 50), (foot, 95), covered, bottom, leg)
+        limb(((shoulder + 1.5) * side, 17), hand, 1.0 if p["sleeves"] == "long" else 0.4, shirt, arm)
+        draw.ellipse((*at(foot - 4, 94), *at(foot + 4, 100)), fill=shoes)
+        if p["bag"] == "handbag" and side * swing >= 0:  # from the hand swung outwards
+            draw.rectangle((*at(hand[0] - 4, 54), *at(hand[0] + 4, 63)), fill=bag)
+    flare, hem = (1.6, 72) if p["bottom_kind"] == "skirt" else (1.0, 56)  # a skirt reaches the knees
+    draw.polygon([at(-waist, 48), at(waist, 48), at(flare * waist, hem), at(-flare * waist, hem)], fill=bottom)
+    draw.polygon([at(-shoulder, 15), at(shoulder, 15), at(waist, 50), at(-waist, 50)], fill=shirt)
+    ink = (40,) * 3 if sum(shirt) > 330 else (220,) * 3  # the pattern: dark on light tops, light on dark
+    inner, pen = min(shoulder, waist), max(1, round(1.5 * u))
+    for k in np.arange(2.5, 35, 5):  # stripes and checks, 5 units apart
+        if p["pattern"] in ("striped", "checked"):
+            draw.line((*at(-inner, 15 + k), *at(inner, 15 + k)), fill=ink, width=pen)
+        if p["pattern"] == "checked" and k < 2 * inner:
+            draw.line((*at(k - inner, 15), *at(k - inner, 50)), fill=ink, width=pen)
+    if p["pattern"] == "logo":
+        draw.rectangle((*at(-3, 21), *at(3, 27)), fill=ink)
+    for x in (-0.55 * shoulder, 0.55 * shoulder) if p["bag"] == "backpack" else ():  # its straps
+        draw.line((*at(x, 15), *at(x, 33)), fill=bag, width=arm // 2)
+    draw.ellipse((*at(-5.5, 0), *at(5.5, 13)), fill=skin)  # the head, on a neck
+    draw.rectangle((*at(-2.5, 11), *at(2.5, 15)), fill=skin)
+    draw.chord((*at(-6.2, -0.5), *at(6.2, 8.5)), 180, 360, fill=hair)
+    pixels = np.asarray(image, dtype=np.float32) * rng.uniform(*domain["brightness"])  # [H, W, 3]
+    pixels += noise.normal(0.0, domain["noise"], pixels.shape)
     return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
 
 
-STAMP = "generated-by-data.py"  # in a demo folder: a hash of what the set was generated from
-
-
 def make_demo(name: str, root: str, size: DemoSize | None = None) -> str:
-    """Draws demo set `name` into <root>/<name>/ unless it is there already; returns the folder.
-
-    The stamp hashes the size and this very file, so changing any knob above (or the drawing)
-    draws the set anew rather than reusing a stale one. Everything goes to a temporary folder,
-    renamed at the end: an interrupted run never leaves a set that looks complete.
-    """
-    size = size or DEMO_SIZES[name]
-    folder = os.path.join(root, name)
-    with open(__file__, "rb") as f:
-        stamp = hashlib.sha256(repr(size).encode() + f.read()).hexdigest()
+    """Draws demo set `name` into <root>/<name>/ unless it is there already; returns the folder. A
+    stamp hashes DEMO_VERSION and the sizes (demo's people avoid demo-pretrain's); a set is drawn in
+    a temporary folder, renamed at the end, so that none is ever half drawn."""
+    size, folder, domain = size or DEMO_SIZES[name], os.path.join(root, name), DEMO_DOMAINS[name]
+    stamp = hashlib.sha256(repr((DEMO_VERSION, size, DEMO_SIZES["demo-pretrain"])).encode()).hexdigest()
 
     def found_stamp() -> str | None:
-        if not os.path.isfile(os.path.join(folder, STAMP)):
-            return None
-        with open(os.path.join(folder, STAMP)) as f:
-            return f.read()
-
+        if os.path.isfile(os.path.join(folder, "generated-by-data.py")):
+            with open(os.path.join(folder, "generated-by-data.py")) as f:
+                return f.read()
+        return None
     if found_stamp() == stamp:
         return folder
     if os.path.exists(folder) and found_stamp() is None:
         raise DataError(f"{folder}: exists but was not drawn by data.py; move it away to draw {name} there")
     start, work = time.time(), f"{folder}.tmp{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    domain, rng = DEMO_DOMAINS[name], random.Random(f"{size.seed}:images")
-    noise = np.random.default_rng(size.seed)
+    rng, noise = random.Random(f"{size.seed}:images"), np.random.default_rng(size.seed)
     splits = ["train"] * size.train_ids + ["val"] * size.val_ids + ["test"] * size.test_ids
-    for split in set(splits):
-        os.makedirs(os.path.join(work, "imgs", split))
     entries = []
     for pid, (person, split) in enumerate(zip(demo_people(name, size), splits), start=1):
+        looks = dict(build=rng.uniform(0.9, 1.15), skin=rng.choice(SKIN_TONES))  # no caption tells them
+        os.makedirs(os.path.join(work, "imgs", split), exist_ok=True)
         for k in range(size.images_per_id):
             path = f"{split}/{pid:05d}_{k}.jpg"
-            draw_person(person, domain, rng, noise).save(os.path.join(work, "imgs", path), **JPEG)
-            captions = [_caption(person, domain.words, rng) for _ in range(size.captions_per_image)]
-            captions = [c + "; " + _caption(person, domain.words, rng) if rng.random() < domain.second_description
-                        else c for c in captions]
+            draw_person(person | looks, domain, rng, noise).save(os.path.join(work, "imgs", path), **JPEG)
+            captions = [demo_caption(person, domain, rng) for _ in range(size.captions_per_image)]
             entries.append({"split": split, "id": pid, "file_path": path, "captions": captions})
     with open(os.path.join(work, DATASETS[name].annotation), "w") as f:
         json.dump(entries, f, indent=1)
-    with open(os.path.join(work, STAMP), "w") as f:
+    with open(os.path.join(work, "generated-by-data.py"), "w") as f:
         f.write(stamp)
-    if found_stamp() == stamp:  # another process drew the same set meanwhile
+    if found_stamp() == stamp:  # another process (a DDP rank) drew the same set meanwhile
         shutil.rmtree(work)
         return folder
-    shutil.rmtree(folder, ignore_errors=True)  # an older drawing: it carries a stamp
+    shutil.rmtree(folder, ignore_errors=True)  # an older drawing (it carries a stamp)
     os.rename(work, folder)
-    print(f"data.py: drew {name} ({len(entries)} images) in {folder}, {time.time() - start:.1f} s",
-          file=sys.stderr)
+    print(f"data.py: drew {folder} ({len(entries)} images) in {time.time() - start:.1f} s", file=sys.stderr)
     return folder
 
 
