@@ -8,6 +8,7 @@ script the val R1 (the weights still train) and check the checkpoints against it
 
 import inspect
 import json
+import math
 import os
 
 import pytest
@@ -82,15 +83,24 @@ def test_best_pt_is_the_first_best_val_epoch_and_the_test_split_is_scored_with_i
     assert reported == {"epoch": 2, **{k: pytest.approx(v, abs=1e-9) for k, v in expected.items()}}
 
 
-def test_resume_keeps_the_best_val_epoch_and_stop_after_counts_from_the_resume(setup, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def test_a_resumed_run_keeps_its_schedule_and_best_epoch_and_stop_after_counts_from_the_resume(
+        setup, tmp_path, monkeypatch):
+    out, last = tmp_path / "run", str(tmp_path / "run" / "last.pt")
     script_val_r1(monkeypatch, [60.0])
-    assert train.main(arguments(setup, out, "--epochs", "3", "--stop-after", "1")) == 0
+    assert train.main(arguments(setup, out, "--epochs", "4", "--stop-after", "1")) == 0
     script_val_r1(monkeypatch, [30.0])  # epoch 2 is worse than epoch 1
-    assert train.main(["--resume", str(out / "last.pt"), "--stop-after", "1"]) == 0
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1  # one more epoch, not none
+    assert train.main(["--resume", last, "--stop-after", "1"]) == 0
+    assert torch.load(last, weights_only=True)["epoch"] == 1  # one more epoch, not none
     best = torch.load(out / "best.pt", weights_only=True)
     assert (best["epoch"], best["best"]["R1"]) == (0, 60.0)
+    script_val_r1(monkeypatch, [20.0, 10.0])
+    assert train.main(["--resume", last, "--stop-after", "2"]) == 0  # a later --resume keeps the last one's
+    assert json.loads((out / "test_metrics.json").read_text())["epoch"] == 1
+    # lr 1e-3 over 4 epochs, 1 of warm-up from 0.1x, then cosine: 1-based epoch e > 1 has
+    # 0.5 (1 + cos(pi (e - 2) / 3)), whichever invocation ran it.
+    factors = [0.1, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]
+    lrs = {e["epoch"]: e["lr"] for e in journal(out) if "lr" in e}
+    assert lrs == {e: pytest.approx(1e-3 * f) for e, f in enumerate(factors, start=1)}
 
 
 def test_every_bias_trains_at_the_bias_lr_without_weight_decay():
