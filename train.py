@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import clip_min
@@ -223,46 +224,70 @@ def lr_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float)
 # The demo's CLIP: pretrained here from random weights, because none can be downloaded offline
 # ------------------------------------------------------------------------------------------------
 
+# A tiny CLIP learns the synthetic "demo-pretrain" corpus the way OpenAI's CLIP learned the web:
+# every weight trained, symmetric InfoNCE over each batch's B x B similarities (cross-entropy from
+# images to captions and back, the matching pair the target), with a learned temperature. SDM at
+# the methods' fixed temperature is too sharp from random weights: the gradient that lifts the
+# right pair is proportional to its probability, tiny while the features are random, and training
+# sits on a plateau of near-uniform similarities for a number of epochs that depends on the seed.
+
 DEMO_CLIP = clip_min.CLIPConfig(embed_dim=64, image_size=(64, 32), patch_size=8, stride=8,
                                 vision_width=64, vision_layers=4, text_width=64, text_layers=4)
-DEMO_PRETRAINING = dict(epochs=8, batch_size=64, lr=1e-3, warmup_epochs=1, temperature=0.07)
+DEMO_PRETRAINING = dict(epochs=5, batch_size=128, lr=2e-3, warmup_steps=40, weight_decay=0.0)
 
 
 def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
     """Path of the demo's tiny CLIP, an OpenAI-layout state dict, pretrained first if not cached.
 
-    It lives in the demo-pretrain folder, which data.py replaces whenever it redraws the corpus,
-    under a name that hashes the recipe: a cached CLIP is never stale."""
+    It lives in the corpus's folder, which data.py replaces when it redraws the corpus, under a
+    name that hashes everything it was made from: a cached CLIP is never stale."""
     log("demo 1/3: a CLIP to adapt")
-    corpus = data.load_dataset("demo-pretrain", root)
-    recipe = hashlib.sha256(repr((DEMO_CLIP, DEMO_PRETRAINING, seed)).encode()).hexdigest()[:12]
-    path = os.path.join(root, "demo-pretrain", f"clip-{recipe}.pt")
+    corpus = data.load_dataset("demo-pretrain", root)  # drawn on first use
+    made_from = (DEMO_CLIP, DEMO_PRETRAINING, seed, data.DEMO_VERSION, data.DEMO_SIZES["demo-pretrain"])
+    path = os.path.join(root, "demo-pretrain", f"clip-{hashlib.sha256(repr(made_from).encode()).hexdigest()[:12]}.pt")
     if os.path.isfile(path):
         log(f"  using the tiny CLIP cached at {path}")
         return path
-    log("  No pretrained CLIP can be downloaded offline, so a tiny one is trained from random weights "
-        "on the synthetic demo-pretrain corpus, standing in for OpenAI's pretraining:")
-    recipe = DEMO_PRETRAINING
-    torch.manual_seed(seed)
-    model = clip_min.CLIP(DEMO_CLIP).to(device).train()
-    model.logit_scale.requires_grad_(False)  # SDM's temperature is fixed
+    log("  No CLIP can be downloaded offline, so a tiny one is pretrained from random weights on the "
+        "synthetic demo-pretrain corpus, as OpenAI pretrained theirs (symmetric InfoNCE, learned temperature):")
+    started, recipe = time.time(), DEMO_PRETRAINING
+    # The corpus is small and not augmented: every pair is decoded and transformed once, and kept.
     pairs = data.CaptionImageDataset(corpus.train, data.build_transform(DEMO_CLIP.image_size))
-    loader = data.train_loader(pairs, recipe["batch_size"], workers=0, seed=seed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"], eps=1e-6)
+    corpus_pairs = torch.utils.data.default_collate([pairs[i] for i in range(len(pairs))])
+    images, ids = corpus_pairs["images"], corpus_pairs["ids"]  # [N, 3, H, W], [N, 77]
+    caption_ends = ids.argmax(dim=-1)  # [N]: the EOT position of each caption
+
+    torch.manual_seed(seed)
+    model = clip_min.CLIP(DEMO_CLIP).to(device)
+    steps_per_epoch = len(ids) // recipe["batch_size"]  # the last incomplete batch is dropped
+    total_steps, warmup = recipe["epochs"] * steps_per_epoch, recipe["warmup_steps"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # per step, as OpenAI's: linear warm-up, then cosine to 0
+        optimizer, lambda step: (step + 1) / warmup if step < warmup else lr_factor(step - warmup, total_steps - warmup, 0, 1))
+    generator = torch.Generator().manual_seed(seed)
     for epoch in range(recipe["epochs"]):
-        for group in optimizer.param_groups:
-            group["lr"] = recipe["lr"] * lr_factor(epoch, recipe["epochs"], recipe["warmup_epochs"], 0.1)
+        order = torch.randperm(len(ids), generator=generator)[: steps_per_epoch * recipe["batch_size"]]
         loss_sum = torch.zeros((), device=device)
-        for batch in loader:
-            loss = model(batch["images"].to(device), batch["ids"].to(device), batch["pids"].to(device),
-                         temperature=recipe["temperature"])["loss"]
+        for batch in order.view(steps_per_epoch, -1):  # [B] sample indices
+            # Each text batch is cut to its longest caption: exact, since the causal text tower
+            # is read at EOT and no token before EOT sees the padding.
+            batch_ids = ids[batch, : caption_ends[batch].max() + 1]  # [B, L']
+            image_features = F.normalize(model.encode_image(images[batch].to(device)), dim=-1)  # [B, E]
+            text_features = F.normalize(model.encode_text(batch_ids.to(device)), dim=-1)  # [B, E]
+            logits = model.logit_scale.exp() * image_features @ text_features.T  # [B, B]: images x captions
+            matching = torch.arange(len(logits), device=device)  # pair i's caption is caption i
+            loss = (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # as OpenAI's: the learned scale stops at 100 (temperature 0.01)
+                model.logit_scale.clamp_(0, math.log(100))
             loss_sum += loss.detach()
-        log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  loss {loss_sum.item() / len(loader):.4f}")
+        log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  InfoNCE {loss_sum.item() / steps_per_epoch:.4f}  "
+            f"temperature {1 / model.logit_scale.exp().item():.4f}  {time.time() - started:.0f} s")
     evaluate.save_checkpoint(model.state_dict(), path)
-    log(f"  saved the tiny CLIP to {path}, an ordinary OpenAI-layout state dict, loaded back by clip_min.load")
+    log(f"  saved the tiny CLIP to {path}, an OpenAI-layout state dict that clip_min.load reads back")
     return path
 
 
