@@ -49,8 +49,8 @@ from evaluate import number
 # ------------------------------------------------------------------------------------------------
 
 # The demo trains tiny models on tiny images on a CPU; these replace the authors' defaults when
-# --data demo is chosen (a flag given on the command line still wins). Its CLIP was pretrained at
-# temperature 0.07, and adapting it keeps that; its small gradients want Adam's usual epsilon
+# --data demo is chosen (a flag given on the command line still wins). Its CLIP's learned
+# temperature ends near 0.07, and adapting it keeps that; its small gradients want Adam's usual epsilon
 # rather than the authors' 1e-3; augmentation costs more epochs than it has.
 DEMO_RECIPE = dict(epochs=12, batch_size=64, lr=6e-3, eps=1e-6, warmup_epochs=1, temperature=0.07,
                    augment=False, image_size=(64, 32), stride=8, depth=4, workers=0, eval_every=3, log_every=25)
