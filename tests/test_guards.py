@@ -117,11 +117,11 @@ def test_every_bias_trains_at_the_bias_lr_without_weight_decay():
 
 
 def test_the_demo_has_its_own_recipe_and_a_flag_given_still_wins(tmp_path):
-    # The README: 64x32 images, 12 epochs of batch 64, lr 6e-3, SDM temperature 0.07, no augmentation.
+    # The README: 64x32 images, 12 epochs of batch 64, lr 6e-3, SDM temperature 0.04, no augmentation.
     args = train.parse_args(["--out", str(tmp_path / "run")])
     assert args.data == "demo"
     assert (args.image_size, args.epochs, args.batch_size, args.lr) == ((64, 32), 12, 64, 6e-3)
-    assert (args.temperature, args.augment) == (0.07, False)
+    assert (args.temperature, args.augment) == (0.04, False)
     args = train.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3", "--temperature", "0.02", "--augment"])
     assert (args.epochs, args.temperature, args.augment, args.batch_size) == (3, 0.02, True, 64)
 
