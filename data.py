@@ -451,10 +451,11 @@ def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int
                       prefetch_factor=PREFETCH if workers > 0 else None)
 
 
-def eval_loaders(split: EvalSplit, image_size: tuple[int, int], batch_size: int = 512,
+def eval_loaders(split: EvalSplit | TrainSplit, image_size: tuple[int, int], batch_size: int = 512,
                  workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """(gallery images [B, 3, H, W], query ids [B, 77]), both in split order, the images at
-    `image_size` (H, W) without augmentation. Captions are never masked."""
+    `image_size` (H, W) without augmentation. Captions are never masked. (Of a TrainSplit: its
+    images once each, and its captions.)"""
     images = DataLoader(ImageList(split.image_paths, build_transform(image_size)), batch_size, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     return images, DataLoader(split.ids, batch_size)  # [Nq, 77] rows: a tensor is a dataset of its rows

@@ -362,25 +362,28 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: v.detach().cpu() for name, v in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}
 
 
-def describe_backbone(method: str, clip_name: str, clip_sha256: str, clip_model: clip_min.CLIP) -> dict:
+def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) -> dict:
     """How `load_checkpoint` gets the frozen CLIP back: a release by name (hash-checked on use),
     else the weights themselves (the file may not exist where the checkpoint is read). A
-    fine-tuned CLIP needs neither: all of it is in the trained state."""
+    fine-tuned CLIP needs neither: all of it is in the trained state. The SHA-256 of the release
+    or file lets a resumed run check that it starts from the same CLIP."""
+    release = clip_min.RELEASES.get(clip_name)
+    sha256 = release[0] if release else clip_min.file_sha256(clip_name)
     config = clip_model.config
-    backbone = {"name": clip_name, "sha256": clip_sha256, "image_size": list(config.image_size),
-                "stride": config.stride}
+    backbone = {"name": clip_name, "sha256": sha256, "image_size": list(config.image_size), "stride": config.stride}
     if method == "finetune" or clip_name in clip_min.RELEASES:
         return backbone
     return {**backbone, "state_dict": {k: v.detach().cpu() for k, v in clip_model.state_dict().items()}}
 
 
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Atomic and durable: written beside `path`, flushed to the disk, renamed over it, and the
-    rename flushed too. A save that fails (a full or read-only disk) leaves the previous file."""
+def save_checkpoint(path: str, model: nn.Module, **fields) -> None:
+    """Saves `fields` and the model's trained weights (as "trainable") at `path`. Atomic and
+    durable: written beside `path`, flushed to the disk, renamed over it, and the rename flushed
+    too. A save that fails (a full or read-only disk) leaves the previous file."""
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as file:
-            torch.save(checkpoint, file)
+            torch.save({**fields, "trainable": trained_state(model)}, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -14,8 +14,8 @@ once, at the end, with the best checkpoint.
 
 The demo (`--data demo`, the default) runs the whole pipeline in miniature without a network: a
 tiny CLIP is first pretrained from random weights on the synthetic "demo-pretrain" corpus,
-standing in for OpenAI's pretraining, saved as an OpenAI-layout state dict and loaded back like
-any CLIP checkpoint; its zero-shot result on the demo test split is the baseline to beat.
+standing in for OpenAI's pretraining, and loaded back like any CLIP checkpoint; its zero-shot
+result on the demo test split is the baseline to beat.
 
 Under torchrun every process trains on its share of each batch (--batch-size is the global batch;
 SDM sees each process's share) and DDP averages the gradients; rank 0 evaluates and saves.
@@ -56,14 +56,10 @@ from evaluate import number
 DEMO_RECIPE = dict(epochs=12, batch_size=64, lr=6e-3, eps=1e-6, warmup_epochs=1, temperature=0.04,
                    augment=False, image_size=(64, 32), stride=8, depth=4, workers=0, eval_every=3, log_every=25)
 
-
-def constructor_defaults(method_class: type) -> dict:
-    """The keyword defaults of a method's constructor: the papers' values, written once, there."""
-    return {name: parameter.default for name, parameter in inspect.signature(method_class).parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
-
-
-METHOD_DEFAULTS = {"cskt": constructor_defaults(cskt.CSKT), "dm_adapter": constructor_defaults(dm_adapter.DMAdapter)}
+# Each method's own flags default to its constructor's keyword defaults, the papers' values.
+METHOD_DEFAULTS = {method: {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()
+                            if parameter.default is not parameter.empty}
+                   for method, cls in (("cskt", cskt.CSKT), ("dm_adapter", dm_adapter.DMAdapter))}
 
 # Flags that may change when a run is resumed: they change how it is carried out, not what it
 # trains. Every other flag is the run's own and must match the checkpoint's.
@@ -141,16 +137,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
              if v is not unset}
     if args.resume:
-        if not os.path.isfile(args.resume):
-            parser.error(f"argument --resume: no such file: {args.resume}")
-        run_folder = os.path.dirname(os.path.abspath(args.resume))
-        if args.out and os.path.abspath(args.out) != run_folder:
-            parser.error(f"argument --out: a resumed run stays in its folder ({run_folder})")
         try:
             checkpoint = evaluate.read_checkpoint(args.resume)
         except evaluate.CheckpointError as error:
             parser.error(f"argument --resume: {error}")
-        if not {"optimizer", "scheduler", "scaler", "rng", "log_size"} <= checkpoint.keys():
+        run_folder = os.path.dirname(os.path.abspath(args.resume))
+        if args.out and os.path.abspath(args.out) != run_folder:
+            parser.error(f"argument --out: a resumed run stays in its folder ({run_folder})")
+        if "optimizer" not in checkpoint:
             parser.error(f"argument --resume: {args.resume} is not a last.pt of this train.py (no optimizer "
                          "state); resume from the last.pt of a run")
         saved = checkpoint["args"]
@@ -168,29 +162,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.lr = 1e-5 if args.method == "finetune" else 3e-4
         if args.mask_captions is None:
             args.mask_captions = args.method == "dm_adapter"  # the authors' DM-Adapter script always masks
-        for name, default in METHOD_DEFAULTS.get(args.method, {}).items():
-            if getattr(args, name, None) is None:
-                setattr(args, name, default)
-        args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
-        for name in sorted(set().union(*map(set, METHOD_DEFAULTS.values())) & given - set(method_arguments(args))):
+        own_flags = METHOD_DEFAULTS.get(args.method, {})
+        for name, default in own_flags.items():
+            setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+        for name in sorted(set().union(*METHOD_DEFAULTS.values()) & given - set(own_flags)):
             parser.error(f"argument --{name.replace('_', '-')}: not a flag of --method {args.method}")
         if args.method == "dm_adapter" and args.top_k > args.num_experts:
             parser.error(f"argument --top-k: at most --num-experts ({args.num_experts}), got {args.top_k}")
-        if args.out:
-            if os.path.isdir(args.out) and os.listdir(args.out):
-                parser.error(f"argument --out: {args.out} already holds a run; continue it with "
-                             f"--resume {os.path.join(args.out, 'last.pt')}, or choose another --out")
+        if args.out and os.path.isdir(args.out) and os.listdir(args.out):
+            parser.error(f"argument --out: {args.out} already holds a run; continue it with "
+                         f"--resume {os.path.join(args.out, 'last.pt')}, or choose another --out")
         evaluate.check_output_folder(parser, "--out", args.out or "runs")
+        args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if args.batch_size < processes:
+        parser.error(f"argument --batch-size: at least one pair per process; got {args.batch_size} for {processes}")
     try:
         evaluate.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as error:
         parser.error(f"argument --device: {error}")
     return args
-
-
-def method_arguments(args: argparse.Namespace) -> dict:
-    """The keyword arguments of the chosen method's class (saved in checkpoints to rebuild it)."""
-    return {name: getattr(args, name) for name in METHOD_DEFAULTS.get(args.method, {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,10 +243,10 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
     log("  No CLIP can be downloaded offline, so a tiny one is pretrained from random weights on the "
         "synthetic demo-pretrain corpus, as OpenAI pretrained theirs (symmetric InfoNCE, learned temperature):")
     started, recipe = time.time(), DEMO_PRETRAINING
-    # The corpus is small and not augmented: every pair is decoded and transformed once, and kept.
-    pairs = data.CaptionImageDataset(corpus.train, data.build_transform(DEMO_CLIP.image_size))
-    corpus_pairs = torch.utils.data.default_collate([pairs[i] for i in range(len(pairs))])
-    images, ids = corpus_pairs["images"], corpus_pairs["ids"]  # [N, 3, H, W], [N, 77]
+    # The corpus is small and not augmented: every image is decoded and transformed once, and kept.
+    image_batches, _ = data.eval_loaders(corpus.train, DEMO_CLIP.image_size)
+    images = torch.cat(list(image_batches))[corpus.train.image_index]  # [N, 3, H, W]: each pair's image
+    ids = corpus.train.ids  # [N, 77]
     caption_ends = ids.argmax(dim=-1)  # [N]: the EOT position of each caption
 
     torch.manual_seed(seed)
@@ -287,13 +278,14 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
             loss_sum += loss.detach()
         log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  InfoNCE {loss_sum.item() / steps_per_epoch:.4f}  "
             f"temperature {1 / model.logit_scale.exp().item():.4f}  {time.time() - started:.0f} s")
-    evaluate.save_checkpoint(model.state_dict(), path)
+    torch.save(model.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)  # a CLIP cut short by an interruption is never taken for a cached one
     log(f"  saved the tiny CLIP to {path}, an OpenAI-layout state dict that clip_min.load reads back")
     return path
 
 
 # ------------------------------------------------------------------------------------------------
-# The run: setup, data, model, optimizer, loop, test
+# The run: setup, CLIP, data, model, optimizer, loop, test
 # ------------------------------------------------------------------------------------------------
 
 class TrainingError(Exception):
@@ -337,9 +329,6 @@ def run(args: argparse.Namespace) -> None:
     if world_size > 1:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp_dtype = evaluate.autocast_dtype(args.precision, device)
-    per_rank_batch = args.batch_size // world_size
-    if per_rank_batch < 1:
-        raise TrainingError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
 
     # --- the frozen CLIP (for the demo, its own tiny one) ---------------------------------------
     if args.clip is None:
@@ -350,12 +339,8 @@ def run(args: argparse.Namespace) -> None:
         build_parser().error(f"argument --image-size: with patch {patch} and stride {args.stride}, "
                              f"{args.image_size[0]}x{args.image_size[1]} leaves pixels that no patch sees; "
                              f"use sizes of the form {patch} + {args.stride}*k")
-    clip_sha256 = clip_min.RELEASES[args.clip][0] if args.clip in clip_min.RELEASES else clip_min.file_sha256(args.clip)
-    if args.resume:
-        checkpoint = evaluate.read_checkpoint(args.resume)
-        if checkpoint["clip"]["sha256"] != clip_sha256:
-            raise TrainingError(f"--resume: {args.clip} is not the CLIP file the run started from "
-                                f"(SHA-256 {clip_sha256[:12]}..., the run's {checkpoint['clip']['sha256'][:12]}...)")
+    # What a checkpoint needs to get this CLIP back; the SHA-256 of a CLIP file is taken once, here.
+    backbone = evaluate.describe_backbone(args.method, args.clip, clip_model)
 
     # --- data: every entry and image is checked before anything trains ----------------------------
     dataset = data.load_dataset(args.data, args.root)
@@ -363,12 +348,11 @@ def run(args: argparse.Namespace) -> None:
         if split is not None and split.num_truncated:
             log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
                 f"to {clip_min.CONTEXT_LENGTH} tokens")
-    num_pairs = len(dataset.train.captions)
-    if num_pairs // world_size < per_rank_batch:
-        raise TrainingError(f"{args.data} has {num_pairs} training pairs, fewer than one batch "
-                            f"(--batch-size {args.batch_size}); lower --batch-size")
-    loader = data.train_loader(dataset.train, args.image_size, per_rank_batch, args.workers, args.augment,
-                               args.mask_captions, seed=args.seed, distributed=world_size > 1)
+    loader = data.train_loader(dataset.train, args.image_size, args.batch_size // world_size, args.workers,
+                               args.augment, args.mask_captions, seed=args.seed, distributed=world_size > 1)
+    if len(loader) == 0:
+        raise TrainingError(f"{args.data} has {len(dataset.train.captions)} training pairs, fewer than one "
+                            f"batch (--batch-size {args.batch_size}); lower --batch-size")
     # The best epoch is chosen on val; without one (ICFG-PEDES) the last epoch is kept. Both splits'
     # loaders are made once: the images' workers and the tokenized captions are reused.
     val_loaders = dataset.val and data.eval_loaders(dataset.val, args.image_size, 256, args.workers)
@@ -376,8 +360,9 @@ def run(args: argparse.Namespace) -> None:
 
     # --- model ----------------------------------------------------------------------------------
     torch.manual_seed(args.seed + rank)  # also seeds every CUDA device
+    method_args = {name: getattr(args, name) for name in METHOD_DEFAULTS.get(args.method, {})}
     try:
-        model = evaluate.build_method(args.method, clip_model, method_arguments(args))
+        model = evaluate.build_method(args.method, clip_model, method_args)
     except ValueError as error:  # CSKT's --depth beyond the layers this CLIP has
         build_parser().error(f"argument --depth: {error}")
     step_model = model
@@ -386,18 +371,18 @@ def run(args: argparse.Namespace) -> None:
     if args.compile:
         step_model = torch.compile(step_model)
 
-    # --- the run folder: claimed by creating args.json, so never another run's ---------------------
+    # --- a new run folder, claimed by creating its args.json ("x": fails if another run has it) ----
     if not args.resume and is_main:
-        args.out = args.out or new_run_folder(f"runs/{args.data}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.out = args.out or f"runs/{args.data}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "x") as file:  # "x": fails if another run got here first
+        with open(os.path.join(args.out, "args.json"), "x") as file:
             json.dump(vars(args), file, indent=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"device {device}, precision {evaluate.precision_name(amp_dtype)}, {world_size} process(es); "
         f"run folder {args.out}\n"
-        f"{args.data}: {num_pairs:,} training pairs of {dataset.train.num_identities:,} identities; "
-        f"{len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
+        f"{args.data}: {len(dataset.train.captions):,} training pairs of {dataset.train.num_identities:,} "
+        f"identities; {len(loader):,} steps per epoch; test {len(dataset.test.captions):,} queries x "
         f"{len(dataset.test.image_paths):,} images\n"
         f"{args.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
     if args.data == "demo" and is_main:
@@ -407,7 +392,7 @@ def run(args: argparse.Namespace) -> None:
         log("  " + evaluate.format_metrics(zero_shot))
         log(f"demo 3/3: training {args.method} on the demo set, CLIP frozen")
 
-    # --- optimizer, schedule, loss scaling --------------------------------------------------------
+    # --- optimizer, schedule, loss scaling; or all of them as a resumed run left them ------------
     optimizer = build_optimizer(model, args.lr, args.bias_lr_factor, args.weight_decay, args.betas, args.eps, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per epoch, as the authors do
         optimizer, lambda epoch: lr_factor(epoch, args.epochs, args.warmup_epochs, args.warmup_factor))
@@ -415,6 +400,10 @@ def run(args: argparse.Namespace) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
     if args.resume:
+        checkpoint = evaluate.read_checkpoint(args.resume)
+        if checkpoint["clip"]["sha256"] != backbone["sha256"]:
+            raise TrainingError(f"--resume: {args.clip} is not the CLIP file the run started from (SHA-256 "
+                                f"{backbone['sha256'][:12]}..., the run's {checkpoint['clip']['sha256'][:12]}...)")
         evaluate.load_trained(model, checkpoint["trainable"], args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -439,20 +428,15 @@ def run(args: argparse.Namespace) -> None:
     if args.resume:
         record({"resumed_at_epoch": first_epoch + 1})
 
-    backbone = evaluate.describe_backbone(args.method, args.clip, clip_sha256, clip_model)
-
-    def save(name: str, epoch: int, resumable: bool):
-        checkpoint = {"method": args.method, "method_args": method_arguments(args), "data": args.data,
-                      "args": vars(args), "clip": backbone, "trainable": evaluate.trained_state(model),
-                      "epoch": epoch, "best": best}
-        if resumable:  # what --resume needs on top of the weights
-            checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              scaler=scaler.state_dict(), rng=torch.get_rng_state(), log_size=journal.tell())
-        evaluate.save_checkpoint(checkpoint, os.path.join(args.out, name))
+    def save(name: str, epoch: int, resumable: bool):  # best.pt: what evaluate.py needs; last.pt: all
+        state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                     rng=torch.get_rng_state(), log_size=journal.tell()) if resumable else {}
+        evaluate.save_checkpoint(os.path.join(args.out, name), model, method=args.method, method_args=method_args,
+                                 data=args.data, args=vars(args), clip=backbone, epoch=epoch, best=best, **state)
 
     # --- the loop -------------------------------------------------------------------------------
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, first_epoch + args.stop_after)
-    steps_per_epoch, started, steps_done = len(loader), time.time(), 0
+    steps_per_epoch, started = len(loader), time.time()
     for epoch in range(first_epoch, last_epoch):
         model.train()
         # Reseeding per epoch makes the order, the augmentation and the masking of epoch e the
@@ -460,8 +444,7 @@ def run(args: argparse.Namespace) -> None:
         loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
         if world_size > 1:
             loader.sampler.set_epoch(epoch)
-        # Losses are summed on the device and read once per progress line: no host sync per step.
-        window, window_steps, window_started = {}, 0, time.time()
+        window, window_steps, window_started = {}, 0, time.time()  # losses summed on the device
         for step, batch in enumerate(loader, 1):
             images, ids, pids = (batch[k].to(device, non_blocking=True) for k in ("images", "ids", "pids"))
             # fp32 master weights under autocast (the authors cast the weights to fp16 and ran Adam
@@ -472,22 +455,22 @@ def run(args: argparse.Namespace) -> None:
             scaler.scale(losses["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
-            window = {name: window.get(name, 0) + value.detach() for name, value in losses.items()}
-            window_steps, steps_done = window_steps + 1, steps_done + 1
+            window, window_steps = {k: window.get(k, 0) + v.detach() for k, v in losses.items()}, window_steps + 1
 
-            if step % args.log_every == 0 or step == steps_per_epoch:
-                means = {name: (total / window_steps).item() for name, total in window.items()}  # the sync
+            if step % args.log_every == 0 or step == steps_per_epoch:  # a progress line: the one host sync
+                means = {name: (total / window_steps).item() for name, total in window.items()}
                 if not math.isfinite(means["loss"]):
-                    raise TrainingError(
-                        f"the loss became NaN or infinite in epoch {epoch + 1} (before step {step}); "
-                        f"stopped, {args.out}/last.pt holds the last good epoch. Try a lower --lr or --precision fp32")
-                pairs_per_s = window_steps * args.batch_size / (time.time() - window_started)
-                eta = int((time.time() - started) / steps_done * ((last_epoch - epoch) * steps_per_epoch - step))
-                lr = optimizer.param_groups[0]["lr"]
+                    raise TrainingError(f"the loss became NaN or infinite in epoch {epoch + 1} (before step {step}); "
+                                        f"stopped, {args.out}/last.pt holds the last good epoch. Try a lower --lr "
+                                        "or --precision fp32")
+                entry = {"epoch": epoch + 1, "step": step, **means, "lr": optimizer.param_groups[0]["lr"],
+                         "pairs_per_s": window_steps * args.batch_size / (time.time() - window_started)}
+                done = epoch - first_epoch + step / steps_per_epoch  # epochs run by this invocation
+                eta = round((time.time() - started) / done * (last_epoch - first_epoch - done))
                 log(f"epoch {epoch + 1}/{args.epochs}  step {step}/{steps_per_epoch}  "
-                    + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-                    + f"  lr {lr:.2e}  {pairs_per_s:,.0f} pairs/s  ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
-                record({"epoch": epoch + 1, "step": step, **means, "lr": lr, "pairs_per_s": pairs_per_s})
+                    + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lr {entry['lr']:.2e}  "
+                    f"{entry['pairs_per_s']:,.0f} pairs/s  ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+                record(entry)
                 window, window_steps, window_started = {}, 0, time.time()
         scheduler.step()
 
@@ -525,19 +508,6 @@ def run(args: argparse.Namespace) -> None:
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
     journal and journal.close()
-
-
-def new_run_folder(base: str) -> str:
-    """A folder name no other run has: `base` with this process's id, then a counter if taken
-    (os.makedirs without exist_ok claims a name atomically, even for jobs started together)."""
-    for attempt in range(1000):
-        folder = f"{base}-{os.getpid()}" + (f"-{attempt}" if attempt else "")
-        try:
-            os.makedirs(folder)
-            return folder
-        except FileExistsError:
-            continue
-    raise TrainingError(f"could not find a free run folder name like {base}")
 
 
 if __name__ == "__main__":
