@@ -389,8 +389,7 @@ class CLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,
                 temperature: float = 0.02) -> dict:
-        """Fine-tuning all of CLIP with SDM (IRRA's "CLIP fine-tuned" baseline, and how the demo
-        trains its tiny CLIP from scratch)."""
+        """Fine-tuning all of CLIP with SDM (IRRA's "CLIP fine-tuned" baseline)."""
         loss = sdm_loss(self.encode_image(images), self.encode_text(ids), pids, temperature)
         return {"loss": loss, "sdm": loss}
 

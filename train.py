@@ -398,6 +398,13 @@ def run(args: argparse.Namespace) -> None:
         optimizer, lambda epoch: lr_factor(epoch, args.epochs, args.warmup_epochs, args.warmup_factor))
     # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    journal = open(os.path.join(args.out, "log.jsonl"), "a") if is_main else None
+
+    def record(entry: dict):  # one JSON line per event, flushed at once
+        if journal:
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()
+
     first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
     if args.resume:
         checkpoint = evaluate.read_checkpoint(args.resume)
@@ -411,22 +418,13 @@ def run(args: argparse.Namespace) -> None:
             scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"])  # augmentation and masking draw from torch's CPU generator
         first_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        if is_main:  # forget what the run logged after this checkpoint: that work is redone now
-            with open(os.path.join(args.out, "log.jsonl"), "a") as journal:
-                journal.truncate(checkpoint["log_size"])
-            for name in os.listdir(args.out):  # a save the last run was killed in
-                if name.endswith(".pt.tmp"):
-                    os.remove(os.path.join(args.out, name))
-        log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
-    journal = open(os.path.join(args.out, "log.jsonl"), "a") if is_main else None
-
-    def record(entry: dict):
-        if journal:
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-
-    if args.resume:
+        if journal:  # forget what the run logged after this checkpoint, and a save it was killed in
+            journal.seek(checkpoint["log_size"])
+            journal.truncate()
+            for name in (name for name in os.listdir(args.out) if name.endswith(".pt.tmp")):
+                os.remove(os.path.join(args.out, name))
         record({"resumed_at_epoch": first_epoch + 1})
+        log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
 
     def save(name: str, epoch: int, resumable: bool):  # best.pt: what evaluate.py needs; last.pt: all
         state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
