@@ -164,7 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.mask_captions = args.method == "dm_adapter"  # the authors' DM-Adapter script always masks
         own_flags = METHOD_DEFAULTS.get(args.method, {})
         for name, default in own_flags.items():
-            setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+            if getattr(args, name) is None:
+                setattr(args, name, default)
         for name in sorted(set().union(*METHOD_DEFAULTS.values()) & given - set(own_flags)):
             parser.error(f"argument --{name.replace('_', '-')}: not a flag of --method {args.method}")
         if args.method == "dm_adapter" and args.top_k > args.num_experts:
