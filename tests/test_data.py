@@ -293,6 +293,12 @@ def test_captions_are_tokenized_once_and_cuts_counted(cuhk, monkeypatch):
     assert dataset.train.ids[1, 76] == EOT and dataset.train.ids[2, 76] == EOT  # full, and cut: EOT last
     assert train_set[1]["ids"].tolist() == dataset.train.ids[1].tolist()
     assert torch.equal(query_ids, dataset.test.ids)
+    # A training split through the evaluation loaders (how the demo decodes its pretraining corpus
+    # once): each image once, in order, so that indexing by image_index gives every pair's image.
+    images, captions = data.eval_loaders(dataset.train, (32, 16), batch_size=3)
+    pair_images = torch.cat(list(images))[dataset.train.image_index]
+    assert all(torch.equal(pair_images[i], train_set[i]["images"]) for i in range(len(train_set)))
+    assert torch.equal(torch.cat(list(captions)), dataset.train.ids)
 
 
 def run_check(root):

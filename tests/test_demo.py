@@ -90,3 +90,30 @@ def test_demo_round_trip_through_the_reader(tmp_path, monkeypatch):
     assert Image.open(demo.test.image_paths[0]).size == data.DEMO_IMAGE_SIZE[::-1]
     pretrain = data.load_dataset("demo-pretrain", str(tmp_path))
     assert pretrain.val is None and len(pretrain.test.image_paths) == 1
+
+
+def test_the_demo_pipeline_pretrains_its_clip_once_and_reuses_it(tmp_path, monkeypatch, capsys):
+    """`python train.py` at a tiny size: the demo's CLIP is pretrained, cached as an OpenAI-layout
+    state dict, evaluated zero-shot and adapted; a second run reuses the cached CLIP."""
+    import clip_min
+    import train
+    monkeypatch.setitem(data.DEMO_SIZES, "demo", data.DemoSize(4, 2, 2, images_per_id=2, seed=3))
+    monkeypatch.setitem(data.DEMO_SIZES, "demo-pretrain", data.DemoSize(8, 0, 1, images_per_id=2, seed=4))
+    tiny = clip_min.CLIPConfig(embed_dim=16, image_size=(64, 32), patch_size=8, stride=8, vision_width=64,
+                               vision_layers=4, text_width=64, text_layers=4)
+    monkeypatch.setattr(train, "DEMO_CLIP", tiny)
+    monkeypatch.setattr(train, "DEMO_PRETRAINING", dict(epochs=2, batch_size=8, lr=1e-3, warmup_steps=2))
+    argv = ["--root", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "8", "--log-every", "1"]
+    assert train.main([*argv, "--out", str(tmp_path / "first")]) == 0
+    printed = capsys.readouterr().out
+    assert "pretraining epoch 2/2  InfoNCE" in printed and "saved the tiny CLIP to" in printed
+    table = printed.split("demo test split:")[1]
+    assert all(row in table for row in ("| chance (random scores)", "| frozen CLIP, zero-shot", "| cskt, CLIP frozen"))
+
+    cached = [name for name in os.listdir(tmp_path / "data" / "demo-pretrain") if name.startswith("clip-")]
+    assert len(cached) == 1 and not cached[0].endswith(".tmp")
+    path = str(tmp_path / "data" / "demo-pretrain" / cached[0])
+    assert clip_min.load(path, (64, 32), 8).config == tiny  # every size read back off the tensors
+    assert train.main([*argv, "--out", str(tmp_path / "second")]) == 0
+    printed = capsys.readouterr().out
+    assert f"using the tiny CLIP cached at {path}" in printed and "pretraining epoch" not in printed
