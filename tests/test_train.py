@@ -68,10 +68,10 @@ def journal(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def flag_error(capsys, argv):
-    """Runs train.main expecting the parser's error; returns its one line."""
+def flag_error(capsys, argv, main=train.main):
+    """Runs `main` (train.py's, or evaluate.py's) expecting the parser's error; returns its one line."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
+        main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
@@ -392,12 +392,7 @@ def test_a_broken_test_image_stops_the_run_before_training(setup, tmp_path, caps
 
 def test_evaluate_py_bad_flags_are_one_line(setup, tmp_path, capsys):
     def error_of(argv):
-        with pytest.raises(SystemExit) as exit_info:
-            evaluate.main(argv)
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1, err
-        return err
+        return flag_error(capsys, argv, main=evaluate.main)
 
     assert "--image-size/--stride" in error_of(["--checkpoint", "best.pt", "--image-size", "64", "32"])
     assert "--method clip needs a dataset" in error_of(["--method", "clip"])
