@@ -261,6 +261,18 @@ def similarity_from_features(caption_features: torch.Tensor, image_features: tor
     return caption_features @ image_features.T
 
 
+def encode_queries(model: nn.Module, queries: list[str], device: torch.device | str,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Features [Q, E] of free-text queries, L2-normalised fp32 on `device`. A query longer than
+    the 77 positions (SOT + tokens + EOT) is cut to fit, and said so on stderr."""
+    for query in queries:
+        if len(clip_min.default_tokenizer().encode(query)) + 2 > clip_min.CONTEXT_LENGTH:
+            print(f'query cut to its first {clip_min.CONTEXT_LENGTH - 2} tokens: "{query[:60]}..."', file=sys.stderr)
+    with torch.no_grad(), autocast(torch.device(device), amp_dtype):
+        ids = clip_min.tokenize(queries, truncate=True).to(device)                  # [Q, 77]
+        return F.normalize(model.encode_text(ids).float(), dim=-1)                  # [Q, E]
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluating a model on a split, and tables of results
 # ------------------------------------------------------------------------------------------------
@@ -671,12 +683,7 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
     if not readable:
         raise data.DataError(f"--gallery: no readable image under {args.gallery}")
 
-    for query in args.query:  # SOT + tokens + EOT must fit the 77 positions
-        if len(clip_min.default_tokenizer().encode(query)) + 2 > clip_min.CONTEXT_LENGTH:
-            print(f'query cut to its first {clip_min.CONTEXT_LENGTH - 2} tokens: "{query[:60]}..."', file=sys.stderr)
-    with torch.no_grad(), autocast(args.device, amp_dtype):
-        ids = clip_min.tokenize(args.query, truncate=True).to(args.device)           # [Q, 77]
-        queries = F.normalize(model.encode_text(ids).float(), dim=-1).cpu()          # [Q, E]
+    queries = encode_queries(model, args.query, args.device, amp_dtype).cpu()         # [Q, E]
     scores, best = (queries @ features[readable].T).topk(min(args.topk, len(readable)))  # [Q, N] -> [Q, k]
     for number, (query, query_scores, query_best) in enumerate(zip(args.query, scores.tolist(), best.tolist()), 1):
         found = [paths[readable[i]] for i in query_best]
@@ -953,9 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         topk = min(args.topk, len(split.image_paths))
         if args.query:
             os.makedirs(args.out, exist_ok=True)
-            with torch.no_grad(), autocast(args.device, amp_dtype):
-                query_ids = clip_min.tokenize(args.query, truncate=True).to(args.device)  # [Q, 77]
-                queries = F.normalize(model.encode_text(query_ids).float(), dim=-1)   # [Q, E]
+            queries = encode_queries(model, args.query, args.device, amp_dtype)     # [Q, E]
             for number, (query_text, query) in enumerate(zip(args.query, queries), start=1):
                 scores, indices = (query @ image_features.T).topk(topk)                # [G] -> [k]
                 path = os.path.join(args.out, "query.png" if len(args.query) == 1 else f"query_{number}.png")

@@ -226,8 +226,9 @@ def test_search_errors_are_one_clear_line(runs, tmp_path, capsys):
 def test_several_queries_on_a_dataset_split_draw_one_picture_each(runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert evaluate.main(["--checkpoint", runs.checkpoint["demo"], "--root", runs.root, "--workers", "0",
-                          "--query", "a man", "--query", "a woman", "--out", str(out)]) == 0
+                          "--query", "a man", "--query", "a woman " * 40, "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["query_1.png", "query_2.png"]
+    assert "query cut to its first 75 tokens" in capsys.readouterr().err  # as when searching a folder
 
 
 # -----------------------------------------------------------------------------
