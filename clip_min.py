@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import ftfy
 import regex
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -324,6 +325,38 @@ class CLIPConfig:
 # The loss: similarity distribution matching (SDM, IRRA)
 # ------------------------------------------------------------------------------------------------
 
+def processes() -> int:
+    """How many processes share each batch: torchrun's world size once torch.distributed is set
+    up, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherShares(torch.autograd.Function):
+    """All processes' shares [B, ...] in rank order -> [N*B, ...], differentiable back to the own share."""
+
+    @staticmethod
+    def forward(ctx, share: torch.Tensor) -> torch.Tensor:
+        shares = [torch.empty_like(share) for _ in range(dist.get_world_size())]
+        dist.all_gather(shares, share.contiguous())
+        return torch.cat(shares)  # [N*B, ...]
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        # Every process computes the same loss from the gathered batch, so each share's gradient
+        # is the sum over processes of the gradients for its rows (an all-reduce, which gloo has,
+        # then the own rows). That sum is N times the single-process gradient, and DDP's average
+        # over the N processes brings it back to exactly it.
+        gradient = gradient.contiguous().clone()
+        dist.all_reduce(gradient)
+        return gradient.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_shares(share: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [N*B, ...]: the whole batch, from every process's equal share (rank order);
+    gradients flow back to this process's own rows. The share itself with one process."""
+    return share if processes() == 1 else _GatherShares.apply(share)
+
+
 def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor,
              temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
     """Similarity distribution matching over a batch of B image-caption pairs.
@@ -338,10 +371,17 @@ def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: to
     cross-entropy, i.e. KL(q || p); SDM measures KL(p || q) with log(q + epsilon)).
     The default temperature, 0.02 (s = 50), is the value IRRA and both methods use.
     Computed in fp32 whatever the autocast context.
+
+    Under torchrun each process holds a share of the batch: the shares are gathered first, so
+    that SDM runs over the whole batch (every negative) and every process computes the loss one
+    process would; with DDP's gradient average the gradients are one process's too.
     """
     with torch.autocast(image_features.device.type, enabled=False):
-        image_features = F.normalize(image_features.float(), dim=-1)  # [B, E]
-        text_features = F.normalize(text_features.float(), dim=-1)  # [B, E]
+        # [B, E] -> [N*B, E] under torchrun: the whole batch; pids need no gradient.
+        image_features, text_features = gather_shares(image_features.float()), gather_shares(text_features.float())
+        pids = gather_shares(pids)  # [B] -> [N*B]
+        image_features = F.normalize(image_features, dim=-1)  # [B, E]
+        text_features = F.normalize(text_features, dim=-1)  # [B, E]
         same_identity = (pids[:, None] == pids[None, :]).float()  # [B, B]
         log_target = torch.log(same_identity / same_identity.sum(dim=1, keepdim=True) + epsilon)  # [B, B]
         image_to_text = image_features @ text_features.T / temperature  # [B, B]

@@ -88,6 +88,12 @@ class MixtureOfAdapters(nn.Module):
             # fraction of tokens that chose e, is a count. l = sum_e P_e * f_e (= E * mean_e P_e f_e).
             mean_probability = logits.softmax(dim=-1).mean(dim=0)  # [E]
             chosen_fraction = torch.zeros_like(logits).scatter(1, chosen, 1.0).mean(dim=0)  # [E]
+            if self.training and clip_min.processes() > 1:
+                # Under torchrun the means run over the tokens of the whole batch, as with one
+                # process: every process holds as many tokens, so they are the means of the
+                # processes' means (l, a product of two means, is not the mean of the l's).
+                statistics = clip_min.gather_shares(torch.stack([mean_probability, chosen_fraction])[None])
+                mean_probability, chosen_fraction = statistics.mean(dim=0)  # [N, 2, E] -> [E], [E]
             return gates, (mean_probability * chosen_fraction).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, L, d]
