@@ -17,8 +17,9 @@ tiny CLIP is first pretrained from random weights on the synthetic "demo-pretrai
 standing in for OpenAI's pretraining, and loaded back like any CLIP checkpoint; its zero-shot
 result on the demo test split is the baseline to beat.
 
-Under torchrun every process trains on its share of each batch (--batch-size is the global batch;
-SDM sees each process's share) and DDP averages the gradients; rank 0 evaluates and saves.
+Under torchrun every process encodes its share of each batch (--batch-size is the global batch),
+the shares' features are gathered so that SDM runs over the whole batch, and DDP averages the
+gradients: N processes compute the loss and gradients of one. Rank 0 evaluates and saves.
 
 Sections: flags; the recipe (optimizer, schedule); the demo's CLIP; the run, in the order it runs.
 """
@@ -153,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if changed:
             parser.error(f"argument --resume: these flags differ from the run being resumed: {'; '.join(changed)}. "
                          "Resume without them, or start a new run with another --out")
-        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
+        args = argparse.Namespace(**{"processes": 1, **saved, **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
                                      "resume": args.resume, "out": run_folder})
     else:
         if args.data == "demo":  # the demo's recipe, below any flag given
@@ -176,8 +177,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         evaluate.check_output_folder(parser, "--out", args.out or "runs")
         args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
     processes = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if args.batch_size < processes:
-        parser.error(f"argument --batch-size: at least one pair per process; got {args.batch_size} for {processes}")
+    if args.batch_size % processes:
+        parser.error(f"argument --batch-size: {args.batch_size} pairs do not split evenly over {processes} processes; "
+                     f"use a multiple of {processes}")
+    # The data order depends on the process count (each process shuffles its own part of the data):
+    # a resumed run keeps it, like any flag that changes what is trained.
+    if args.resume and args.processes != processes:
+        parser.error(f"argument --resume: the run was started with {args.processes} process(es), this is {processes}; "
+                     f"resume it with torchrun --nproc_per_node={args.processes} (or start a new run)")
+    args.processes = processes
     try:
         evaluate.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as error:
@@ -413,7 +421,12 @@ def run(args: argparse.Namespace) -> None:
             raise TrainingError(f"--resume: {args.clip} is not the CLIP file the run started from (SHA-256 "
                                 f"{backbone['sha256'][:12]}..., the run's {checkpoint['clip']['sha256'][:12]}...)")
         evaluate.load_trained(model, checkpoint["trainable"], args.resume)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        # The saved groups carry the kernel choice of the device they were saved on (fused on
+        # CUDA, foreach elsewhere); the device may change on resume, so this one's choice is kept.
+        saved_state = checkpoint["optimizer"]
+        for saved_group, group in zip(saved_state["param_groups"], optimizer.param_groups):
+            saved_group.update(fused=group["fused"], foreach=group["foreach"])
+        optimizer.load_state_dict(saved_state)
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run had no scaler
             scaler.load_state_dict(checkpoint["scaler"])

@@ -210,6 +210,39 @@ def test_resume_refuses_flags_that_change_the_run_and_writes_nothing(setup, tmp_
     assert train.main(["--resume", last, "--workers", "1", "--log-every", "3", "--lr", "1e-3"]) == 0
 
 
+def test_the_batch_splits_evenly_and_a_resume_keeps_the_process_count(setup, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
+    assert "8 pairs do not split evenly over 3 processes" in flag_error(capsys, arguments(setup, out))
+    monkeypatch.delenv("WORLD_SIZE")
+    assert train.main(arguments(setup, out, "--stop-after", "1")) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["args"]["processes"] == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = flag_error(capsys, ["--resume", str(out / "last.pt")])
+    assert "the run was started with 1 process(es), this is 2" in err
+
+
+def test_a_resume_uses_the_optimizer_kernels_of_its_own_device(setup, tmp_path, monkeypatch):
+    """A run saved on CUDA (fused Adam) resumes on the CPU with the CPU's foreach Adam, under
+    another precision too (fp16 with its grad scaler)."""
+    out = tmp_path / "run"
+    assert train.main(arguments(setup, out, "--stop-after", "1")) == 0
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:  # as build_optimizer sets them on CUDA
+        group.update(fused=True, foreach=None)
+    torch.save(checkpoint, out / "last.pt")
+    real_step, kernels = torch.amp.GradScaler.step, []
+
+    def recording_step(self, optimizer, *args, **kwargs):  # fp16's first steps may be skipped: record here
+        kernels.append([(group["fused"], group["foreach"]) for group in optimizer.param_groups])
+        return real_step(self, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", recording_step)
+    assert train.main(["--resume", str(out / "last.pt"), "--precision", "fp16"]) == 0
+    assert kernels and all(step == [(None, True), (None, True)] for step in kernels)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
 def test_resume_refuses_a_clip_file_that_changed(setup, tmp_path, capsys):
     clip_path = tmp_path / "clip.pt"
     shutil.copy(setup[1], clip_path)
