@@ -566,7 +566,9 @@ def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
                             "delete the file and run again to download it anew")
         return target
     url = RELEASE_URL.format(sha256=sha256, file=file_name)
-    partial = target + ".part"  # renamed only once complete and verified
+    # Renamed only once complete and verified; named per process, so that processes that download
+    # at once (several jobs sharing a cache) never write into one file.
+    partial = f"{target}.{os.getpid()}.part"
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             # The cache folder is made only now, when there is a file to write into it.

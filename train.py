@@ -25,6 +25,7 @@ Sections: flags; the recipe (optimizer, schedule); the demo's CLIP; the run, in 
 """
 
 import argparse
+import datetime
 import hashlib
 import inspect
 import json
@@ -297,6 +298,36 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
 # The run: setup, CLIP, data, model, optimizer, loop, test
 # ------------------------------------------------------------------------------------------------
 
+# Under torchrun the other processes wait in a barrier while rank 0 evaluates and saves, and while
+# one process per machine downloads CLIP or pretrains the demo's: longer than the 10 minutes after
+# which NCCL would otherwise end the job.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def once_per_machine(make):
+    """make() in the first process of each machine (torchrun's LOCAL_RANK 0) while the others wait,
+    then in the others, which find what it made (a download, a drawn demo set, a pretrained CLIP)
+    instead of writing the same files at the same time. Its result, in every process."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()  # every process calls the barrier once: the others are let go when all firsts are done
+    result = make()
+    if dist.is_initialized() and first:
+        dist.barrier()
+    return result
+
+
+def clip_file(args: argparse.Namespace, device: torch.device, log) -> str:
+    """--clip, or its default, with its file in place: a release downloaded, or for the demo its
+    tiny CLIP pretrained (and the demo sets drawn)."""
+    if args.data in data.DEMO_SIZES:
+        data.make_demo(args.data, args.root)  # drawn on first use
+    clip = args.clip or (demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16")
+    if clip in clip_min.RELEASES:
+        clip_min.download(clip)  # checks the SHA-256 of a cached file too
+    return clip
+
+
 class TrainingError(Exception):
     """The run cannot go on (a NaN loss, a dataset smaller than a batch); the message says why."""
 
@@ -336,12 +367,11 @@ def run(args: argparse.Namespace) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     amp_dtype = evaluate.autocast_dtype(args.precision, device)
 
-    # --- the frozen CLIP (for the demo, its own tiny one) ---------------------------------------
-    if args.clip is None:
-        args.clip = demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16"
+    # --- the frozen CLIP (for the demo, its own tiny one), made once per machine ------------------
+    args.clip = once_per_machine(lambda: clip_file(args, device, log))
     clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
     patch = clip_model.config.patch_size
     if any((size - patch) % args.stride for size in args.image_size):

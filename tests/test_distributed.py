@@ -1,8 +1,11 @@
 """Several processes train like one: 2 gloo processes on the CPU, each with half of a batch under
-DDP, give the loss and every gradient of 1 process on the whole batch, for all three methods."""
+DDP, give the loss and every gradient of 1 process on the whole batch, for all three methods; and
+what a run needs on disk (a CLIP download) is made by one process while the other waits."""
 
+import hashlib
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from conftest import randomize_  # noqa: E402
 
 import clip_min  # noqa: E402
 import evaluate  # noqa: E402
+import train  # noqa: E402
+from test_clip_min import FakeResponse  # noqa: E402
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=2, text_width=64, text_layers=2)
@@ -90,3 +95,30 @@ def test_one_share_alone_gives_other_gradients():
     whole = loss_and_gradients(whole, whole, slice(None))["gradients"]
     share = loss_and_gradients(share, share, slice(0, BATCH // 2))["gradients"]
     assert max(float((share[name] - g).norm() / g.norm()) for name, g in whole.items()) > 0.5
+
+
+def download_in_one_of_two(rank: int, folder: str, payload: bytes):
+    os.environ["LOCAL_RANK"] = str(rank)  # both on one machine, as torchrun --nproc_per_node=2
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    clip_min.RELEASES["tiny"] = (hashlib.sha256(payload).hexdigest(), "tiny.pt")
+
+    def slow_download(url, timeout):  # slow enough that an unguarded second process would start one
+        with open(os.path.join(folder, "downloads"), "a") as file:
+            file.write(f"rank {rank}\n")
+        time.sleep(0.5)
+        return FakeResponse(payload)
+
+    clip_min.urllib.request.urlopen = slow_download
+    path = train.once_per_machine(lambda: clip_min.download("tiny", os.path.join(folder, "cache")))
+    with open(os.path.join(folder, f"path{rank}"), "w") as file:
+        file.write(path)
+    dist.destroy_process_group()
+
+
+def test_one_process_downloads_while_the_other_waits(tmp_path):
+    payload = os.urandom(3 << 20)  # three blocks of the download loop
+    mp.spawn(download_in_one_of_two, args=(str(tmp_path), payload), nprocs=2)
+    assert (tmp_path / "downloads").read_text() == "rank 0\n"
+    cached = tmp_path / "cache" / "tiny.pt"
+    assert os.listdir(tmp_path / "cache") == ["tiny.pt"] and cached.read_bytes() == payload
+    assert (tmp_path / "path0").read_text() == (tmp_path / "path1").read_text() == str(cached)
