@@ -432,10 +432,10 @@ PREFETCH = 4  # batches each worker keeps ready; images are small, decoding is t
 
 def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int, workers: int,
                  augment: bool = True, mask_captions: bool = False, seed: int = 0,
-                 distributed: bool = False) -> DataLoader:
+                 distributed: bool = False, pin_memory: bool = False) -> DataLoader:
     """Shuffled batches of the (image, caption) pairs of `split` at `image_size` (H, W), the last
     incomplete one dropped; augmented images and masked captions if asked. Under DDP call
-    sampler.set_epoch(e)."""
+    sampler.set_epoch(e). pin_memory: for a CUDA device (page-locked batches copy asynchronously)."""
     dataset = CaptionImageDataset(split, build_transform(image_size, train=augment), mask_captions)
     sampler, rank = None, 0
     if distributed:
@@ -447,17 +447,17 @@ def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int
     # train.py reseeds per epoch, so an epoch is the same whether or not the run was resumed.
     generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(dataset, batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-                      num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+                      num_workers=workers, drop_last=True, pin_memory=pin_memory,
                       prefetch_factor=PREFETCH if workers > 0 else None)
 
 
 def eval_loaders(split: EvalSplit | TrainSplit, image_size: tuple[int, int], batch_size: int = 512,
-                 workers: int = 0) -> tuple[DataLoader, DataLoader]:
+                 workers: int = 0, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     """(gallery images [B, 3, H, W], query ids [B, 77]), both in split order, the images at
     `image_size` (H, W) without augmentation. Captions are never masked. (Of a TrainSplit: its
     images once each, and its captions.)"""
     images = DataLoader(ImageList(split.image_paths, build_transform(image_size)), batch_size, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                        pin_memory=pin_memory, persistent_workers=workers > 0)
     return images, DataLoader(split.ids, batch_size)  # [Nq, 77] rows: a tensor is a dataset of its rows
 
 

@@ -173,14 +173,13 @@ def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, galler
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, local_processes: int = 1) -> torch.device:
     """--device -> a torch device. "auto": this process's GPU, else Apple's, else the CPU. A GPU
-    named without an index ("cuda") is this process's (torchrun's LOCAL_RANK). A device that is
-    not there raises ValueError with a message for the user."""
+    named without an index ("cuda") is this process's (torchrun's LOCAL_RANK, of LOCAL_WORLD_SIZE
+    processes on this machine). A device that is not there, or one GPU named for several processes,
+    raises ValueError with a message for the user."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -188,9 +187,14 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name}: this machine has no CUDA GPU that torch can use")
+        if device.index is not None and local_processes > 1:
+            raise ValueError(f"{name}: under torchrun each of the {local_processes} processes on this machine "
+                             "uses its own GPU; give --device cuda or auto")
         device = device if device.index is not None else torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"{device}: there are only {torch.cuda.device_count()} GPU(s)")
+            raise ValueError(f"{device}: there are only {torch.cuda.device_count()} GPU(s)"
+                             + (f" for {local_processes} processes; start at most {torch.cuda.device_count()} per "
+                                "machine (torchrun --nproc_per_node)" if local_processes > 1 else ""))
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{name}: Apple's GPU (MPS) is not available")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -204,7 +208,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision != "auto":
         return PRECISIONS[precision]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 units came with compute capability 8 (Ampere). torch.cuda.is_bf16_supported() also
+        # counts the slow emulation of older GPUs (a V100, a T4), where fp16 with a grad scaler is
+        # the fast path; and it asks about the current GPU, not necessarily this one.
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.float16 if device.type == "mps" else None
 
 
@@ -215,6 +222,19 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed precision around a forward pass; a no-op for fp32. Weights stay fp32 either way."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current one and set the fp32 matmul precision: the same in
+    train.py and evaluate.py, so that a checkpoint routes and scores alike in both.
+
+    TF32 stays off. Under autocast the matmuls left in fp32 are the deliberate ones (DM-Adapter's
+    router logits, SDM, the retrieval similarity), and TF32 would round their inputs to a 10-bit
+    mantissa; with --precision fp32 everything is meant to be fp32."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels, NCCL and tensors made without a device go to this GPU
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,7 +301,7 @@ def evaluate_split(model: nn.Module, split: data.EvalSplit, image_size: tuple[in
                    device: torch.device | str, amp_dtype: torch.dtype | None = None,
                    batch_size: int = 256, workers: int = 0) -> dict:
     """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
-    loaders = data.eval_loaders(split, image_size, batch_size, workers)
+    loaders = data.eval_loaders(split, image_size, batch_size, workers, torch.device(device).type == "cuda")
     return evaluate_loaders(model, loaders, split, device, amp_dtype)
 
 
@@ -736,7 +756,8 @@ def routing_shares(model: dm_adapter.DMAdapter, split: data.EvalSplit, image_siz
     """{"image": [blocks, E], "text": [blocks, E]}: the percent of each block's top-k picks that
     went to each expert over the split's images and captions (each row sums to 100)."""
     device, num_experts, shares = torch.device(device), len(model.vision_adapters[0].experts), {}
-    for tower, loader in zip(("image", "text"), data.eval_loaders(split, tuple(image_size), batch_size, workers)):
+    for tower, loader in zip(("image", "text"), data.eval_loaders(split, tuple(image_size), batch_size, workers,
+                                                                   device.type == "cuda")):
         counts = 0
         with torch.no_grad(), autocast(device, amp_dtype):
             for batch, experts in routed_experts(model, tower, loader, device):
@@ -931,6 +952,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_device(args.device)
     amp_dtype = autocast_dtype(args.precision, args.device)
     try:
         if args.checkpoint:
@@ -949,7 +971,8 @@ def main(argv: list[str] | None = None) -> int:
             raise data.DataError(f"{dataset_name} has no val split")
         if args.routing:
             return routing_main(args, model, split, image_size, amp_dtype, f"{dataset_name} {args.split}")
-        image_loader, caption_loader = data.eval_loaders(split, image_size, args.batch_size, args.workers)
+        image_loader, caption_loader = data.eval_loaders(split, image_size, args.batch_size, args.workers,
+                                                         args.device.type == "cuda")
         image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
         metrics = retrieval_metrics(similarity, split.caption_pids, split.image_pids)

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def local_process() -> tuple[int, int]:
+    """(this process's number on its machine, the number of processes there), as torchrun sets them."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, every one checked before any work; a bad one is the parser's error (exit 2).
 
@@ -188,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"resume it with torchrun --nproc_per_node={args.processes} (or start a new run)")
     args.processes = processes
     try:
-        evaluate.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        evaluate.pick_device(args.device, *local_process())
     except ValueError as error:
         parser.error(f"argument --device: {error}")
     return args
@@ -361,11 +366,8 @@ def run(args: argparse.Namespace) -> None:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     is_main = rank == 0
     log = print if is_main else (lambda *_: None)
-    device = evaluate.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+    device = evaluate.pick_device(args.device, *local_process())
+    evaluate.use_device(device)  # the current GPU; fp32 stays fp32 (no TF32), as in evaluate.py
     if world_size > 1:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     amp_dtype = evaluate.autocast_dtype(args.precision, device)
@@ -387,15 +389,17 @@ def run(args: argparse.Namespace) -> None:
         if split is not None and split.num_truncated:
             log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
                 f"to {clip_min.CONTEXT_LENGTH} tokens")
+    pin = device.type == "cuda"  # page-locked batches copy to a GPU asynchronously; on the CPU, a wasted copy
     loader = data.train_loader(dataset.train, args.image_size, args.batch_size // world_size, args.workers,
-                               args.augment, args.mask_captions, seed=args.seed, distributed=world_size > 1)
+                               args.augment, args.mask_captions, seed=args.seed, distributed=world_size > 1,
+                               pin_memory=pin)
     if len(loader) == 0:
         raise TrainingError(f"{args.data} has {len(dataset.train.captions)} training pairs, fewer than one "
                             f"batch (--batch-size {args.batch_size}); lower --batch-size")
     # The best epoch is chosen on val; without one (ICFG-PEDES) the last epoch is kept. Both splits'
     # loaders are made once: the images' workers and the tokenized captions are reused.
-    val_loaders = dataset.val and data.eval_loaders(dataset.val, args.image_size, 256, args.workers)
-    test_loaders = data.eval_loaders(dataset.test, args.image_size, 256, args.workers)
+    val_loaders = dataset.val and data.eval_loaders(dataset.val, args.image_size, 256, args.workers, pin)
+    test_loaders = data.eval_loaders(dataset.test, args.image_size, 256, args.workers, pin)
 
     # --- model ----------------------------------------------------------------------------------
     torch.manual_seed(args.seed + rank)  # also seeds every CUDA device

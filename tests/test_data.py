@@ -344,7 +344,7 @@ def test_transform_shapes_and_normalisation():
     assert data.build_transform((64, 32), train=True)(image).shape == (3, 64, 32)
 
 
-def test_samples_and_loaders(cuhk):
+def test_samples_and_loaders(cuhk, monkeypatch):
     torch.manual_seed(0)
     dataset = data.load_dataset("CUHK-PEDES", str(cuhk))
     transform = data.build_transform((32, 16), train=True)
@@ -368,6 +368,14 @@ def test_samples_and_loaders(cuhk):
     assert [b.shape for b in images] == [(2, 3, 32, 16)]
     assert [b.shape for b in captions] == [(3, 77), (1, 77)]
     assert not (torch.cat(list(captions)) == data.MASK_TOKEN).any()  # queries are never masked
+
+    # Page-locked memory only when asked (for a CUDA device), also where CUDA exists and --device cpu
+    # was chosen; building a loader does not pin yet, so the fake CUDA is never touched.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not data.train_loader(dataset.train, (32, 16), batch_size=3, workers=0).pin_memory
+    assert not data.eval_loaders(dataset.test, (32, 16))[0].pin_memory
+    assert data.train_loader(dataset.train, (32, 16), batch_size=3, workers=0, pin_memory=True).pin_memory
+    assert data.eval_loaders(dataset.test, (32, 16), pin_memory=True)[0].pin_memory
 
 
 # ------------------------------------------------------------------------------------------------

@@ -300,16 +300,39 @@ def test_a_gpu_is_this_process_s_and_must_exist(monkeypatch):
         evaluate.pick_device("cuda:4")
 
 
+def test_under_torchrun_a_gpu_per_process_or_one_line_saying_why_not(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="only 2 GPU.* for 4 processes; start at most 2 per machine"):
+        evaluate.pick_device("auto", 3, 4)  # the 4th of 4 processes on a machine with 2 GPUs
+    with pytest.raises(ValueError, match="cuda:0: under torchrun each of the 2 processes .* --device cuda or auto"):
+        evaluate.pick_device("cuda:0", 1, 2)
+    assert evaluate.pick_device("cuda", 1, 2) == torch.device("cuda", 1)
+
+
 def test_auto_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_the_cpu(monkeypatch):
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert evaluate.autocast_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert evaluate.autocast_dtype("auto", cuda) == torch.float16
+    # bf16 units from compute capability 8 on; is_bf16_supported() would say yes to all four
+    # (emulation), and it asks about the current GPU, not the one chosen.
+    capabilities = {0: (7, 0), 1: (8, 0), 2: (7, 5), 3: (9, 0)}  # V100, A100, T4, H100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[torch.device(device).index])
+    chosen = [evaluate.autocast_dtype("auto", torch.device("cuda", index)) for index in capabilities]
+    assert chosen == [torch.float16, torch.bfloat16, torch.float16, torch.bfloat16]
     assert evaluate.autocast_dtype("auto", torch.device("cpu")) is None
     assert evaluate.autocast_dtype("auto", torch.device("mps")) == torch.float16
     cpu = torch.device("cpu")
     assert [evaluate.autocast_dtype(p, cpu) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+
+
+def test_both_scripts_make_the_device_current_and_keep_fp32_without_tf32(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    evaluate.use_device(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert current == []
+    evaluate.use_device(torch.device("cuda", 1))
+    assert current == [torch.device("cuda", 1)]
 
 
 def test_fp32_autocast_leaves_the_forward_pass_in_fp32():
