@@ -464,7 +464,9 @@ def run(args: argparse.Namespace) -> None:
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run had no scaler
             scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])  # augmentation and masking draw from torch's CPU generator
+        # Augmentation and masking draw from torch's CPU generator, each process from its own.
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a tensor: saved before per-process states
         first_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
         if journal:  # forget what the run logged after this checkpoint, and a save it was killed in
             journal.seek(checkpoint["log_size"])
@@ -476,7 +478,7 @@ def run(args: argparse.Namespace) -> None:
 
     def save(name: str, epoch: int, resumable: bool):  # best.pt: what evaluate.py needs; last.pt: all
         state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                     rng=torch.get_rng_state(), log_size=journal.tell()) if resumable else {}
+                     rng=rng_states, log_size=journal.tell()) if resumable else {}
         evaluate.save_checkpoint(os.path.join(args.out, name), model, method=args.method, method_args=method_args,
                                  data=args.data, args=vars(args), clip=backbone, epoch=epoch, best=best, **state)
 
@@ -532,9 +534,15 @@ def run(args: argparse.Namespace) -> None:
                 if metrics["R1"] > best["R1"]:
                     best = {"epoch": epoch, "R1": metrics["R1"]}
                     save("best.pt", epoch, resumable=False)
+        # Every process's CPU generator, in rank order, as it stands after rank 0's evaluation (whose
+        # loaders draw their seeds from it): a resume restores each its own. The others wait here.
+        rng_states = [torch.get_rng_state()] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rng_states, rng_states[0])
+        if is_main:
             save("last.pt", epoch, resumable=True)
         if world_size > 1:
-            dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
+            dist.barrier()  # the other ranks wait while rank 0 saves
 
     if last_epoch < args.epochs:
         log(f"stopped after epoch {last_epoch} as asked; continue with --resume {args.out}/last.pt")

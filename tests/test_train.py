@@ -445,13 +445,24 @@ def test_evaluate_py_zero_shot_clip(setup, capsys):
     assert "CUHK-PEDES val, 6 images:" in printed and f"| {clip_path} zero-shot |" in printed
 
 
-def test_two_process_torchrun_on_cpu(setup, tmp_path):
+def test_two_process_torchrun_on_cpu_and_its_resume(setup, tmp_path, capsys):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-               os.path.join(REPO, "train.py"), *arguments(setup, out, "--epochs", "1", "--warmup-epochs", "0")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "2 process(es)" in result.stdout and (out / "test_metrics.json").exists()
+
+    def torchrun(*argv):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                   os.path.join(REPO, "train.py"), *argv]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    assert "2 process(es)" in torchrun(*arguments(setup, out, "--stop-after", "1"))
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["args"]["processes"] == 2
+    first, second = checkpoint["rng"]  # each process's own CPU generator, to resume it
+    assert not torch.equal(first, second)
+    assert "started with 2 process(es), this is 1" in flag_error(capsys, ["--resume", str(out / "last.pt")])
+    assert "continuing at epoch 2" in torchrun("--resume", str(out / "last.pt"))
+    assert (out / "test_metrics.json").exists()
 
 
 def test_an_unreadable_image_in_a_loader_worker_is_one_clear_line(setup, tmp_path):
