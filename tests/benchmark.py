@@ -143,7 +143,8 @@ def flops_per_pair(config, method, method_args):
     projections, the loss, the optimizer) are left out.
     """
     reduction = method_args.get("reduction", 8)
-    vision_tokens = 1 + config.image_size[0] // config.stride * (config.image_size[1] // config.stride)
+    rows, columns = clip_min.patch_grid(config.image_size, config.patch_size, config.stride)
+    vision_tokens = 1 + rows * columns
     vision_tokens += 2 * method_args.get("n_ctx", 4) if method == "cskt" else 0
     text_tokens = config.context_length
     frozen = trained = 0
@@ -203,8 +204,27 @@ def timed_steps(step, batches, steps, device):
     return (time.perf_counter() - started) / steps, syncs
 
 
+# Dense peak TFLOP/s of one GPU per precision, from the vendors' data sheets: bf16 and fp16 on the
+# tensor cores, fp32 without TF32 (which train.py leaves off). The first name found in the device's
+# name counts; a GPU not listed gets no utilisation column unless --peak-tflops gives its peak.
+PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
+               "H100": {"bf16": 989, "fp16": 989, "fp32": 67}, "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
+               "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5}, "RTX 4090": {"bf16": 165, "fp16": 165, "fp32": 83},
+               "V100": {"fp16": 125, "fp32": 15.7}, "T4": {"fp16": 65, "fp32": 8.1}}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """One GPU's peak at `precision` (the utilisation divides by it), None where not known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks.get(precision) for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
+
+
 def run_train(args):
     device = torch.device(args.device)
+    evaluate.use_device(device)  # the current GPU and the fp32 precision (no TF32), as train.py sets them
+    peak = args.peak_tflops or peak_tflops(device, args.precision)
     amp_dtype = evaluate.PRECISIONS[args.precision]
     config, model, method_args = build_benchmark_model(args, device)
     optimizer = train.build_optimizer(model, lr=3e-4, bias_lr_factor=2.0, weight_decay=4e-5, betas=(0.9, 0.999),
@@ -238,7 +258,7 @@ def run_train(args):
            "step_s": round(seconds, 4), "pairs_per_s": round(batch / seconds, 1),
            "peak_memory_mb": round(memory_mb(device)), "host_syncs_in_step": syncs if device.type == "cuda" else None,
            "gflops_per_pair": round(training_flops / 1e9, 2), "tflops": round(achieved, 3),
-           "mfu": round(achieved / args.peak_tflops, 4) if args.peak_tflops else None}
+           "mfu": round(achieved / peak, 4) if peak else None}
     rows = [row]
 
     if args.data_pipeline:  # the same step fed by data.py's loader from the demo images
@@ -257,7 +277,7 @@ def run_train(args):
         rows.append({**row, "pipeline": f"demo loader, {args.workers} workers", "step_s": round(seconds, 4),
                      "pairs_per_s": round(batch / seconds, 1), "peak_memory_mb": round(memory_mb(device)),
                      "host_syncs_in_step": syncs if device.type == "cuda" else None, "tflops": round(achieved, 3),
-                     "mfu": round(achieved / args.peak_tflops, 4) if args.peak_tflops else None})
+                     "mfu": round(achieved / peak, 4) if peak else None})
     print_table(rows, ["pipeline", "method", "batch", "step_s", "pairs_per_s", "peak_memory_mb",
                        "gflops_per_pair", "tflops", "mfu", "host_syncs_in_step"])
     print(json.dumps({"benchmark": "train", "results": rows}))
@@ -276,6 +296,7 @@ def print_table(rows, columns):
 
 def run_eval(args):
     device = torch.device(args.device)
+    evaluate.use_device(device)  # as evaluate.py
     config, model, _ = build_benchmark_model(args, device)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, 3, *config.image_size, generator=generator)
@@ -375,9 +396,9 @@ def main():
                                help="also time the step fed by data.py's loader on the demo images")
     train_command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     train_command.add_argument("--root", default=None, help="where the demo set is (default: a temporary folder)")
-    train_command.add_argument("--peak-tflops", type=float, default=989.0 if default_device == "cuda" else None,
-                               help="the device's dense bf16 peak for the utilisation column "
-                                    "(989 for an H100/H200 SXM; none by default on the CPU)")
+    train_command.add_argument("--peak-tflops", type=float, default=None,
+                               help="one GPU's dense peak at --precision for the utilisation column (default: "
+                                    "looked up by the GPU's name; none on the CPU)")
     eval_command.add_argument("--images", type=int, default=3074)
     eval_command.add_argument("--captions", type=int, default=6156)
     eval_command.add_argument("--identities", type=int, default=1000)

@@ -40,3 +40,31 @@ def test_model_flops_of_clip_vit_b_16():
     import clip_min
     forward, training = benchmark.flops_per_pair(clip_min.CLIPConfig(), "finetune", {})
     assert 40.9e9 < forward < 41.1e9 and training == 3 * forward
+
+
+def test_patches_are_counted_as_the_strided_conv_cuts_them():
+    """Stride 4 with patch 8 cuts a 32x16 image into 7 x 3 patches (not 32/4 x 16/4): the FLOPs of
+    a 56x24 image at stride 8, which has the same 7 x 3 grid."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import benchmark
+    import clip_min
+    small = dict(embed_dim=32, patch_size=8, vision_width=64, vision_layers=2, text_width=64, text_layers=2)
+    overlapping = clip_min.CLIPConfig(image_size=(32, 16), stride=4, **small)
+    tiled = clip_min.CLIPConfig(image_size=(56, 24), stride=8, **small)
+    for method in ("cskt", "dm_adapter", "finetune"):
+        assert benchmark.flops_per_pair(overlapping, method, {}) == benchmark.flops_per_pair(tiled, method, {})
+
+
+def test_utilisation_divides_by_the_peak_of_this_gpu_at_this_precision(monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import benchmark
+    import torch
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA A100-SXM4-80GB", 2: "Tesla V100-SXM2-16GB", 3: "NVIDIA H100 PCIe"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[device.index])
+    peak = {(index, precision): benchmark.peak_tflops(torch.device("cuda", index), precision)
+            for index in names for precision in ("bf16", "fp16", "fp32")}
+    assert [peak[0, p] for p in ("bf16", "fp16", "fp32")] == [989, 989, 67]
+    assert [peak[1, p] for p in ("bf16", "fp16", "fp32")] == [312, 312, 19.5]
+    assert [peak[2, p] for p in ("bf16", "fp16", "fp32")] == [None, 125, 15.7]  # a V100 has no bf16 units
+    assert peak[3, "bf16"] == 756
+    assert benchmark.peak_tflops(torch.device("cpu"), "fp32") is None
