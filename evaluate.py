@@ -911,7 +911,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=["test", "val"], help="which split to evaluate")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                        help="autocast dtype: auto is bf16 on GPUs that have it, else fp16; fp32 on the CPU")
+                        help="autocast dtype: auto is bf16 on GPUs with bf16 units (compute capability 8+), "
+                        "else fp16; fp32 on the CPU")
     parser.add_argument("--batch-size", type=number(int, minimum=1), default=256, help="images or captions per batch")
     parser.add_argument("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1),
                         help="image-loading processes")

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default=None, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
     recipe = parser.add_argument_group("recipe (defaults: the authors'; the demo has its own)").add_argument
     recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the training pairs")
-    recipe("--batch-size", type=number(int, minimum=1), default=128, help="global batch (split across DDP processes)")
+    recipe("--batch-size", type=number(int, minimum=1), default=128, help="global batch, split evenly across torchrun processes (must divide by their number)")
     recipe("--lr", type=number(float, above=0), default=None, help="learning rate (default 3e-4; finetune 1e-5)")
     recipe("--bias-lr-factor", type=number(float, minimum=0), default=2.0, help="biases train at lr times this")
     recipe("--weight-decay", type=number(float, minimum=0), default=4e-5, help="L2 on non-bias weights (Adam's)")
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running (may change on --resume)").add_argument
     run("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     run("--precision", default="auto", choices=["auto", *evaluate.PRECISIONS],
-        help="auto: bf16 autocast on GPUs that have it, else fp16 with a grad scaler; fp32 on the CPU")
+        help="auto: bf16 autocast on GPUs with bf16 units (compute capability 8+), else fp16 with a "
+             "grad scaler; fp32 on the CPU")
     run("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1), help="data loader processes")
     run("--eval-every", type=number(int, minimum=1), default=1, help="evaluate on val every this many epochs")
     run("--log-every", type=number(int, minimum=1), default=50, help="a progress line every this many steps")
