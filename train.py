@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default=None, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
     recipe = parser.add_argument_group("recipe (defaults: the authors'; the demo has its own)").add_argument
     recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the training pairs")
-    recipe("--batch-size", type=number(int, minimum=1), default=128, help="global batch, split evenly across torchrun processes (must divide by their number)")
+    recipe("--batch-size", type=number(int, minimum=1), default=128,
+           help="global batch, split evenly across torchrun processes (must divide by their number)")
     recipe("--lr", type=number(float, above=0), default=None, help="learning rate (default 3e-4; finetune 1e-5)")
     recipe("--bias-lr-factor", type=number(float, minimum=0), default=2.0, help="biases train at lr times this")
     recipe("--weight-decay", type=number(float, minimum=0), default=4e-5, help="L2 on non-bias weights (Adam's)")

@@ -315,7 +315,8 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_the_c
     # (emulation), and it asks about the current GPU, not the one chosen.
     capabilities = {0: (7, 0), 1: (8, 0), 2: (7, 5), 3: (9, 0)}  # V100, A100, T4, H100
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capabilities[torch.device(device).index])
     chosen = [evaluate.autocast_dtype("auto", torch.device("cuda", index)) for index in capabilities]
     assert chosen == [torch.float16, torch.bfloat16, torch.float16, torch.bfloat16]
     assert evaluate.autocast_dtype("auto", torch.device("cpu")) is None
