@@ -327,11 +327,11 @@ def once_per_machine(make):
 def clip_file(args: argparse.Namespace, device: torch.device, log) -> str:
     """--clip, or its default, with its file in place: a release downloaded, or for the demo its
     tiny CLIP pretrained (and the demo sets drawn)."""
-    if args.data in data.DEMO_SIZES:
-        data.make_demo(args.data, args.root)  # drawn on first use
     clip = args.clip or (demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16")
     if clip in clip_min.RELEASES:
         clip_min.download(clip)  # checks the SHA-256 of a cached file too
+    if args.data in data.DEMO_SIZES:
+        data.make_demo(args.data, args.root)  # drawn on first use
     return clip
 
 
