@@ -34,7 +34,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import clip_min
@@ -265,11 +264,8 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
             # Each text batch is cut to its longest caption: exact, since the causal text tower
             # is read at EOT and no token before EOT sees the padding.
             batch_ids = ids[batch, : caption_ends[batch].max() + 1]  # [B, L']
-            image_features = F.normalize(model.encode_image(images[batch].to(device)), dim=-1)  # [B, E]
-            text_features = F.normalize(model.encode_text(batch_ids.to(device)), dim=-1)  # [B, E]
-            logits = model.logit_scale.exp() * image_features @ text_features.T  # [B, B]: images x captions
-            matching = torch.arange(len(logits), device=device)  # pair i's caption is caption i
-            loss = (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
+            loss = clip_min.clip_loss(model.encode_image(images[batch].to(device)),  # [B, E]
+                                      model.encode_text(batch_ids.to(device)), model.logit_scale)  # [B, E]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
