@@ -861,6 +861,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
+    flag without a default (None), nor after a text that states its own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
     """A folder we may create or write into: not a file, and under a writable existing parent."""
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -875,7 +887,7 @@ def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
                                      "on a dataset split; optionally draw what was retrieved.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a best.pt or last.pt written by train.py")
     model.add_argument("--method", choices=["clip"], help="'clip': evaluate frozen CLIP zero-shot (a baseline)")

@@ -65,19 +65,31 @@ METHOD_DEFAULTS = {method: {name: parameter.default for name, parameter in inspe
 RUNNING_FLAGS = {"device", "precision", "workers", "eval_every", "log_every", "compile", "resume", "out", "stop_after"}
 
 
+def as_flags(values: dict) -> str:
+    """{"batch_size": 64, "augment": False} -> "--batch-size 64 --no-augment", as it would be typed."""
+    def flag(name, value):
+        name = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return name if value else name.replace("--", "--no-", 1)
+        return f"{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+    return " ".join(flag(name, value) for name, value in values.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = evaluate.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = evaluate.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.HelpFormatter)
     add = parser.add_argument
     add("--method", default="cskt", choices=evaluate.METHODS,
         help="what to train: CSKT or DM-Adapter on a frozen CLIP, or every CLIP weight (IRRA's baseline)")
     add("--data", default="demo", choices=[*data.DATASETS],
-        help="dataset under --root; 'demo' is drawn on first use (demo-pretrain is the demo's CLIP corpus)")
+        help="dataset under --root; 'demo' is drawn on first use (demo-pretrain is the demo's CLIP corpus) "
+             "and trains with the demo's recipe, not the values shown below: "
+             f"{as_flags(DEMO_RECIPE)} (--depth for cskt only; a flag given still wins)")
     add("--root", default="data", help="folder holding the datasets (see README for the layout)")
     add("--clip", default=None,
         help="CLIP release name or checkpoint path (default: ViT-B/16; for the demo, its own tiny CLIP)")
     add("--out", default=None, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
-    recipe = parser.add_argument_group("recipe (defaults: the authors'; the demo has its own)").add_argument
+    recipe = parser.add_argument_group("recipe (defaults: the authors' run scripts'; --data demo has its own, "
+                                       "see --data)").add_argument
     recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the training pairs")
     recipe("--batch-size", type=number(int, minimum=1), default=128, help="global batch (split across DDP processes)")
     recipe("--lr", type=number(float, above=0), default=None, help="learning rate (default 3e-4; finetune 1e-5)")

@@ -354,6 +354,24 @@ def test_an_image_size_that_leaves_pixels_unseen_is_refused(setup, tmp_path, cap
     assert "argument --image-size: with patch 8 and stride 8, 37x13 leaves pixels" in flag_error(capsys, argv)
 
 
+def test_help_shows_each_default_once_and_the_demo_recipe():
+    parser = train.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        shown = formatter._expand_help(action) if action.help else ""
+        assert shown.count("default") <= 1, shown
+    # The --data text lists the demo's recipe as flags; typed on the command line, they give the
+    # values a demo run uses.
+    data_help = " ".join(next(a.help for a in parser._actions if a.dest == "data").split())
+    listed = data_help.split("recipe, not the values shown below: ")[1].split(" (--depth")[0].split()
+    typed = parser.parse_args(listed)
+    assert {k: getattr(typed, k) for k in train.DEMO_RECIPE} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in train.DEMO_RECIPE.items()}
+    assert "(default: 60)" in text and "(default: 384 128)" in text
+
+
 def test_out_naming_a_file_or_a_read_only_folder_is_refused(setup, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert "argument --out: " in flag_error(capsys, arguments(setup, tmp_path / "file"))
