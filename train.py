@@ -48,7 +48,8 @@ from evaluate import number
 # ------------------------------------------------------------------------------------------------
 
 # The demo trains tiny models on tiny images on a CPU; these replace the authors' defaults when
-# --data demo is chosen (a flag given on the command line still wins). SDM runs at 0.04, near the
+# --data demo is chosen (a flag given on the command line still wins; a method's own flag, such
+# as CSKT's --depth, applies only to that method). SDM runs at 0.04, near the
 # 0.06 the tiny CLIP learns (the papers' 0.02 suits ViT-B/16, which learned 0.01); its small
 # gradients want Adam's usual epsilon rather than the authors' 1e-3; augmentation costs more epochs
 # than it has.
@@ -167,17 +168,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
                                      "resume": args.resume, "out": run_folder})
     else:
-        if args.data == "demo":  # the demo's recipe, below any flag given
-            args = argparse.Namespace(**{**vars(args), **{k: v for k, v in DEMO_RECIPE.items() if k not in given}})
+        own_flags = METHOD_DEFAULTS.get(args.method, {})
+        other_methods_flags = set().union(*METHOD_DEFAULTS.values()) - set(own_flags)
+        if args.data == "demo":  # the demo's recipe, below any flag given; another method's flags stay unset
+            args = argparse.Namespace(**{**vars(args), **{k: v for k, v in DEMO_RECIPE.items()
+                                                         if k not in given and k not in other_methods_flags}})
         if args.lr is None:
             args.lr = 1e-5 if args.method == "finetune" else 3e-4
         if args.mask_captions is None:
             args.mask_captions = args.method == "dm_adapter"  # the authors' DM-Adapter script always masks
-        own_flags = METHOD_DEFAULTS.get(args.method, {})
         for name, default in own_flags.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
-        for name in sorted(set().union(*METHOD_DEFAULTS.values()) & given - set(own_flags)):
+        for name in sorted(other_methods_flags & given):
             parser.error(f"argument --{name.replace('_', '-')}: not a flag of --method {args.method}")
         if args.method == "dm_adapter" and args.top_k > args.num_experts:
             parser.error(f"argument --top-k: at most --num-experts ({args.num_experts}), got {args.top_k}")

@@ -354,6 +354,15 @@ def test_an_image_size_that_leaves_pixels_unseen_is_refused(setup, tmp_path, cap
     assert "argument --image-size: with patch 8 and stride 8, 37x13 leaves pixels" in flag_error(capsys, argv)
 
 
+def test_the_demo_recipe_reaches_only_the_method_that_has_the_flag(tmp_path):
+    root = str(tmp_path / "data")
+    assert train.parse_args(["--root", root]).depth == train.DEMO_RECIPE["depth"] == 4
+    for method in ("dm_adapter", "finetune"):
+        args = train.parse_args(["--root", root, "--method", method])
+        assert args.depth is None and args.n_ctx is None, vars(args)  # args.json records no --depth
+        assert args.epochs == train.DEMO_RECIPE["epochs"]
+
+
 def test_help_shows_each_default_once_and_the_demo_recipe():
     parser = train.build_parser()
     text = " ".join(parser.format_help().split())
