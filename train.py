@@ -189,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"--resume {os.path.join(args.out, 'last.pt')}, or choose another --out")
         evaluate.check_output_folder(parser, "--out", args.out or "runs")
         args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
+        check_fits_clip(parser, args)
     processes = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if args.batch_size < processes:
         parser.error(f"argument --batch-size: at least one pair per process; got {args.batch_size} for {processes}")
@@ -197,6 +198,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         parser.error(f"argument --device: {error}")
     return args
+
+
+def clip_shape(clip: str | None, data_name: str) -> tuple[int, int, int | None] | None:
+    """(patch size, layers of its shallower tower, the positions its image tower is bound to) of the
+    CLIP a run will use, known without building it (nor downloading or pretraining it): from
+    DEMO_CLIP, from the release name, or from a file's tensors read without running code. The
+    positions are None for a square grid, which is resized to any image size; a person-shaped grid
+    (the demo's, or a checkpoint saved from a person-shaped model) is used as it is, so the image
+    size and stride must give as many patches. None for a file that cannot be read: the run then
+    says why."""
+    if clip is None and data_name == "demo":
+        grid = clip_min.patch_grid(DEMO_CLIP.image_size, DEMO_CLIP.patch_size, DEMO_CLIP.stride)
+        return DEMO_CLIP.patch_size, min(DEMO_CLIP.vision_layers, DEMO_CLIP.text_layers), math.prod(grid)
+    clip = clip or "ViT-B/16"
+    if clip in clip_min.RELEASES:  # "ViT-L/14@336px": patch 14; every release has 12 text layers, 12 or 24 image
+        return int(clip.split("/")[1].split("@")[0]), 12, None
+    try:
+        state_dict = clip_min.read_state_dict(clip)
+        patch = state_dict["visual.conv1.weight"].shape[-1]
+        positions = state_dict["visual.positional_embedding"].shape[0] - 1
+        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
+        text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+    except (clip_min.CLIPError, KeyError, IndexError, AttributeError):
+        return None
+    return patch, min(vision_layers, text_layers), None if math.isqrt(positions) ** 2 == positions else positions
+
+
+def check_fits_clip(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--image-size, --stride and CSKT's --depth against the CLIP the run will use, before any work."""
+    shape = clip_shape(args.clip, args.data)
+    if shape is None:
+        return
+    patch, layers, bound = shape
+    height, width = args.image_size
+    if min(height, width) < patch or any((size - patch) % args.stride for size in args.image_size):
+        parser.error(f"argument --image-size: with patch {patch} and stride {args.stride}, {height}x{width} "
+                     f"leaves pixels that no patch sees; use sizes of the form {patch} + {args.stride}*k")
+    grid = clip_min.patch_grid(args.image_size, patch, args.stride)
+    if bound is not None and math.prod(grid) != bound:
+        made_for = (f"the demo's CLIP is made for --image-size {' '.join(map(str, DEMO_CLIP.image_size))} "
+                    f"--stride {DEMO_CLIP.stride}" if args.clip is None else
+                    f"it holds {bound} patches; use the image size and stride it was saved with")
+        parser.error(f"argument --image-size: {height}x{width} at stride {args.stride} gives a {grid[0]}x{grid[1]} "
+                     f"patch grid, and this CLIP's position embedding is not square, so it cannot be resized: {made_for}")
+    if args.method == "cskt" and not 1 <= args.depth <= layers:
+        parser.error(f"argument --depth: depth must be between 1 and the number of layers ({layers}), got {args.depth}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,19 +389,7 @@ def run(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp_dtype = evaluate.autocast_dtype(args.precision, device)
 
-    # --- the frozen CLIP (for the demo, its own tiny one) ---------------------------------------
-    if args.clip is None:
-        args.clip = demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16"
-    clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
-    patch = clip_model.config.patch_size
-    if any((size - patch) % args.stride for size in args.image_size):
-        build_parser().error(f"argument --image-size: with patch {patch} and stride {args.stride}, "
-                             f"{args.image_size[0]}x{args.image_size[1]} leaves pixels that no patch sees; "
-                             f"use sizes of the form {patch} + {args.stride}*k")
-    # What a checkpoint needs to get this CLIP back; the SHA-256 of a CLIP file is taken once, here.
-    backbone = evaluate.describe_backbone(args.method, args.clip, clip_model)
-
-    # --- data: every entry and image is checked before anything trains ----------------------------
+    # --- data: every entry and image is checked before the CLIP is downloaded or pretrained -------
     dataset = data.load_dataset(args.data, args.root)
     for split_name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if split is not None and split.num_truncated:
@@ -370,13 +405,17 @@ def run(args: argparse.Namespace) -> None:
     val_loaders = dataset.val and data.eval_loaders(dataset.val, args.image_size, 256, args.workers)
     test_loaders = data.eval_loaders(dataset.test, args.image_size, 256, args.workers)
 
+    # --- the frozen CLIP (for the demo, its own tiny one) ---------------------------------------
+    if args.clip is None:
+        args.clip = demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16"
+    clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
+    # What a checkpoint needs to get this CLIP back; the SHA-256 of a CLIP file is taken once, here.
+    backbone = evaluate.describe_backbone(args.method, args.clip, clip_model)
+
     # --- model ----------------------------------------------------------------------------------
     torch.manual_seed(args.seed + rank)  # also seeds every CUDA device
     method_args = {name: getattr(args, name) for name in METHOD_DEFAULTS.get(args.method, {})}
-    try:
-        model = evaluate.build_method(args.method, clip_model, method_args)
-    except ValueError as error:  # CSKT's --depth beyond the layers this CLIP has
-        build_parser().error(f"argument --depth: {error}")
+    model = evaluate.build_method(args.method, clip_model, method_args)
     step_model = model
     if world_size > 1:
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

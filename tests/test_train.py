@@ -354,6 +354,36 @@ def test_an_image_size_that_leaves_pixels_unseen_is_refused(setup, tmp_path, cap
     assert "argument --image-size: with patch 8 and stride 8, 37x13 leaves pixels" in flag_error(capsys, argv)
 
 
+def refuse_downloads(monkeypatch):
+    def download(name, *args, **kwargs):
+        raise AssertionError(f"{name} was downloaded")
+    monkeypatch.setattr(clip_min, "download", download)
+
+
+def test_flags_that_do_not_fit_the_clip_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # The patch size and the layer count come from DEMO_CLIP or the release name: nothing is drawn,
+    # pretrained or downloaded before the one-line flag error.
+    refuse_downloads(monkeypatch)
+    monkeypatch.setattr(train, "demo_clip", lambda *a: pytest.fail("the demo's CLIP was pretrained"))
+    new = tmp_path / "new"
+    assert "argument --image-size: with patch 8 and stride 8, 37x13 leaves pixels" in flag_error(
+        capsys, ["--root", str(new), "--image-size", "37", "13"])
+    assert "the demo's CLIP is made for --image-size 64 32 --stride 8" in flag_error(
+        capsys, ["--root", str(new), "--image-size", "72", "32"])
+    assert "argument --depth: depth must be between 1 and the number of layers (12), got 13" in flag_error(
+        capsys, ["--data", "CUHK-PEDES", "--root", str(new), "--depth", "13"])
+    assert "argument --image-size: with patch 32 and stride 16" in flag_error(
+        capsys, ["--data", "CUHK-PEDES", "--root", str(new), "--clip", "ViT-B/32", "--image-size", "384", "120"])
+    assert not new.exists()
+
+
+def test_a_missing_dataset_is_reported_before_the_clip_is_downloaded(tmp_path, capsys, monkeypatch):
+    refuse_downloads(monkeypatch)
+    assert train.main(["--data", "CUHK-PEDES", "--root", str(tmp_path), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/CUHK-PEDES: dataset folder not found"), err
+
+
 def test_the_demo_recipe_reaches_only_the_method_that_has_the_flag(tmp_path):
     root = str(tmp_path / "data")
     assert train.parse_args(["--root", root]).depth == train.DEMO_RECIPE["depth"] == 4
