@@ -24,6 +24,7 @@ Sections: flags; the recipe (optimizer, schedule); the demo's CLIP; the run, in 
 """
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -354,7 +355,8 @@ class TrainingError(Exception):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with contextlib.ExitStack() as open_files:  # closed on every path: the end, --stop-after, an error
+            run(args, open_files)
     except (data.DataError, clip_min.CLIPError, evaluate.CheckpointError, TrainingError) as error:
         message = str(error).strip()
         if "Original Traceback" in message:  # raised in a loader worker: the last line is the error
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
     # --- setup: processes, device, precision ------------------------------------------------------
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     is_main = rank == 0
@@ -449,7 +451,7 @@ def run(args: argparse.Namespace) -> None:
         optimizer, lambda epoch: lr_factor(epoch, args.epochs, args.warmup_epochs, args.warmup_factor))
     # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    journal = open(os.path.join(args.out, "log.jsonl"), "a") if is_main else None
+    journal = open_files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a")) if is_main else None
 
     def record(entry: dict):  # one JSON line per event, flushed at once
         if journal:
@@ -556,7 +558,6 @@ def run(args: argparse.Namespace) -> None:
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
-    journal and journal.close()
 
 
 if __name__ == "__main__":

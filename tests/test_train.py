@@ -274,11 +274,16 @@ def test_epochs_equal_to_warm_up_epochs_finish(setup, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "nan"
+    opened = []  # every file train.py opens itself (log.jsonl, args.json): closed on every way out
+    monkeypatch.setattr(train, "open", lambda *args: opened.append(open(*args)) or opened[-1], raising=False)
     assert train.main(arguments(setup, out, "--stop-after", "1")) == 0
+    assert any(f.name.endswith("log.jsonl") for f in opened) and all(f.closed for f in opened)
     good = trained_weights(out / "last.pt")
     monkeypatch.setattr(clip_min, "sdm_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    opened.clear()
     assert train.main(["--resume", str(out / "last.pt")]) == 1
     assert "error: the loss became NaN or infinite in epoch 2" in capsys.readouterr().err
+    assert any(f.name.endswith("log.jsonl") for f in opened) and all(f.closed for f in opened)
     kept = trained_weights(out / "last.pt")
     assert all(torch.equal(good[name], kept[name]) for name in good)
 
