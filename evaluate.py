@@ -388,26 +388,35 @@ def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) ->
     return {**backbone, "state_dict": {k: v.detach().cpu() for k, v in clip_model.state_dict().items()}}
 
 
-def save_checkpoint(path: str, model: nn.Module, **fields) -> None:
-    """Saves `fields` and the model's trained weights (as "trainable") at `path`. Atomic and
-    durable: written beside `path`, flushed to the disk, renamed over it, and the rename flushed
-    too. A save that fails (a full or read-only disk) leaves the previous file."""
+def save_atomically(obj, path: str) -> None:
+    """torch.save(obj, path), atomic and durable: written beside `path` (as path + ".tmp"), flushed
+    to the disk, renamed over it, and the rename flushed too. A save that fails or is interrupted
+    (a full or read-only disk, Ctrl-C) leaves the previous file whole and no temporary one."""
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as file:
-            torch.save({**fields, "trainable": trained_state(model)}, file)
+            torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-        with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
-            folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
-    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temporary)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def save_checkpoint(path: str, model: nn.Module, **fields) -> None:
+    """Saves `fields` and the model's trained weights (as "trainable") at `path`, atomically
+    (save_atomically). A save that fails (a full or read-only disk) leaves the previous file."""
+    try:
+        save_atomically({**fields, "trainable": trained_state(model)}, path)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise CheckpointError(f"could not save {path}: {reason}; the previous "
                               f"{os.path.basename(path)}, if any, is kept") from None
@@ -662,9 +671,8 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
     paths, messages = list(files), [all_messages[row] for row in rows]
     features = torch.cat([cache["features"], new_features])[rows]                          # [N, E]
     if new or cache["paths"] != paths:
-        torch.save({"model": identity, "paths": paths, "stamps": list(files.values()), "features": features,
-                    "messages": messages}, f"{cache_path}.tmp")
-        os.replace(f"{cache_path}.tmp", cache_path)  # atomic: an interrupted save leaves the old cache
+        save_atomically({"model": identity, "paths": paths, "stamps": list(files.values()), "features": features,
+                         "messages": messages}, cache_path)  # an interrupted save leaves the old cache
 
     readable = [row for row, message in enumerate(messages) if not message]
     unreadable = problems + [message for message in messages if message]

@@ -338,8 +338,7 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
             loss_sum += loss.detach()
         log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  InfoNCE {loss_sum.item() / steps_per_epoch:.4f}  "
             f"temperature {1 / model.logit_scale.exp().item():.4f}  {time.time() - started:.0f} s")
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)  # a CLIP cut short by an interruption is never taken for a cached one
+    evaluate.save_atomically(model.state_dict(), path)  # a CLIP cut short is never taken for a cached one
     log(f"  saved the tiny CLIP to {path}, an OpenAI-layout state dict that clip_min.load reads back")
     return path
 

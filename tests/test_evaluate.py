@@ -2,6 +2,7 @@
 hand-computed cases, feature extraction, and the retrieval picture."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -338,6 +339,24 @@ def test_trained_weights_fit_only_a_model_with_exactly_those_weights():
         evaluate.load_trained(AdaptedModel(), {"adapter.weight": trained["adapter.weight"]}, "best.pt")
     with pytest.raises(evaluate.CheckpointError, match=r"unexpected weights \['extra'\]"):
         evaluate.load_trained(AdaptedModel(), {**trained, "extra": torch.zeros(1)}, "best.pt")
+
+
+def test_an_interrupted_atomic_save_keeps_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "state.pt")
+    evaluate.save_atomically({"epoch": 1}, path)
+    real_save = torch.save
+
+    def interrupted(obj, file):  # half the file written, then Ctrl-C
+        file.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.save_atomically({"epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["state.pt"]
+    evaluate.save_atomically({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["state.pt"]
 
 
 def test_a_file_that_is_not_train_py_s_checkpoint_is_refused(tmp_path):
