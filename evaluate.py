@@ -369,9 +369,16 @@ def build_method(method: str, clip_model: clip_min.CLIP, method_args: dict) -> n
     raise ValueError(f"unknown method {method!r}")
 
 
+def is_trained(name: str) -> bool:
+    """What a method trains, by a weight's name in the model: everything but the frozen backbone
+    (a fine-tuned CLIP has no frozen part: all of it). The one definition: checkpoints save these,
+    and CSKT and DM-Adapter leave exactly these with requires_grad (the tests hold them to it)."""
+    return not name.startswith(BACKBONE_PREFIX)
+
+
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight but the frozen backbone's (a fine-tuned CLIP has no frozen part: all of it)."""
-    return {name: v.detach().cpu() for name, v in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}
+    """The trained weights (is_trained), on the CPU: what a checkpoint holds."""
+    return {name: v.detach().cpu() for name, v in model.state_dict().items() if is_trained(name)}
 
 
 def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) -> dict:
@@ -443,7 +450,7 @@ def load_trained(model: nn.Module, trained: dict, source: str) -> None:
         missing, unexpected = model.load_state_dict(trained, strict=False)
     except RuntimeError as error:  # a shape mismatch
         raise CheckpointError(f"{source} does not fit this model: {str(error).splitlines()[-1].strip()}") from None
-    not_restored = [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
+    not_restored = [key for key in missing if is_trained(key)]
     if unexpected or not_restored:
         raise CheckpointError(f"{source} does not fit this model: unexpected weights "
                               f"{unexpected or 'none'}, missing {not_restored or 'none'}")

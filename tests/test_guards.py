@@ -18,7 +18,8 @@ import clip_min
 import data
 import evaluate
 import train
-from test_train import TINY, arguments, journal, setup  # noqa: F401  (setup is a fixture)
+from conftest import TINY  # the CLIP of the `setup` fixture
+from test_train import arguments, journal
 
 
 def split_name(split):

@@ -12,37 +12,13 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import clip_min
 import evaluate
 import train
+from conftest import TINY  # the CLIP of the `setup` fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
-                           vision_layers=2, text_width=64, text_layers=2)
-COLOURS = ["red", "blue", "green", "black", "white", "yellow", "grey", "pink", "brown", "purple"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(root with a tiny CUHK-PEDES, path of a tiny CLIP state dict)."""
-    root = tmp_path_factory.mktemp("data")
-    entries, generator = [], torch.Generator().manual_seed(0)
-    for pid, split in enumerate(["train"] * 8 + ["val"] * 3 + ["test"] * 3, start=1):
-        colour = COLOURS[pid % len(COLOURS)]
-        for k in range(2):
-            path = f"{split}/{pid:03d}_{k}.png"
-            (root / "CUHK-PEDES" / "imgs" / split).mkdir(parents=True, exist_ok=True)
-            pixels = torch.randint(0, 256, (24, 12, 3), generator=generator, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / "CUHK-PEDES" / "imgs" / path)
-            entries.append({"split": split, "id": pid, "file_path": path, "processed_tokens": [],
-                            "captions": [f"a person in {colour} clothes, picture {k}", f"someone wearing {colour}"]})
-    (root / "CUHK-PEDES" / "reid_raw.json").write_text(json.dumps(entries))
-    torch.manual_seed(0)
-    clip_path = root / "tiny-clip.pt"
-    torch.save(clip_min.CLIP(TINY).state_dict(), clip_path)
-    return root, str(clip_path)
 
 
 def arguments(setup, out, *extra):
