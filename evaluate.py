@@ -277,18 +277,11 @@ def encode_queries(model: nn.Module, queries: list[str], device: torch.device | 
 # Evaluating a model on a split, and tables of results
 # ------------------------------------------------------------------------------------------------
 
-def evaluate_split(model: nn.Module, split: data.EvalSplit, image_size: tuple[int, int],
-                   device: torch.device | str, amp_dtype: torch.dtype | None = None,
-                   batch_size: int = 256, workers: int = 0) -> dict:
-    """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
-    loaders = data.eval_loaders(split, image_size, batch_size, workers)
-    return evaluate_loaders(model, loaders, split, device, amp_dtype)
-
-
 def evaluate_loaders(model: nn.Module, loaders: tuple[DataLoader, DataLoader], split: data.EvalSplit,
                      device: torch.device | str, amp_dtype: torch.dtype | None = None) -> dict:
-    """The same with the split's (image, caption) loaders already built: train.py builds its val
-    loaders once (the captions tokenized once, the image workers kept) and evaluates every few epochs."""
+    """Text-to-image metrics of `model` on an EvalSplit (data.py), given the split's (image, caption)
+    loaders (data.eval_loaders): train.py builds its val loaders once (the captions tokenized once,
+    the image workers kept) and evaluates every few epochs."""
     image_features, caption_features = extract_features(model, *loaders, device, amp_dtype)
     similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
     return retrieval_metrics(similarity, split.caption_pids, split.image_pids)

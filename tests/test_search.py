@@ -339,7 +339,8 @@ def test_transfer_table_between_the_demo_sets(runs, capsys):
         assert checkpoint["data"] == trained_on
         for evaluated_on in TINY_DEMO:
             split = data.load_dataset(evaluated_on, runs.root).test
-            metrics = evaluate.evaluate_split(model, split, checkpoint["clip"]["image_size"], "cpu")
+            loaders = data.eval_loaders(split, checkpoint["clip"]["image_size"], 256, 0)
+            metrics = evaluate.evaluate_loaders(model, loaders, split, "cpu")
             assert metrics["num_queries"] == len(split.captions)  # 6 on demo, 4 on demo-pretrain
             results[trained_on, evaluated_on] = metrics
     table = evaluate.format_transfer_table(results)
