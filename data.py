@@ -684,7 +684,7 @@ def check(name: str, root: str) -> int:
         if n % PROGRESS_EVERY == 0:
             print(f"opened {n} / {len(entries)} images", file=sys.stderr)
     print(f"{name} under {root} (valid entries):\n"
-          f"{'split':<6} {'ids':>7} {'images':>7} {'captions':>8} {'cut to 77 tokens':>16}")
+          f"{'split':<6} {'ids':>7} {'images':>7} {'captions':>8} {f'cut to {clip_min.CONTEXT_LENGTH} tokens':>16}")
     for split in ("train", "val", "test"):
         part = [e for e in entries if e.split == split]
         if part:

@@ -973,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
         image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
         similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
         metrics = retrieval_metrics(similarity, split.caption_pids, split.image_pids)
-        cut = f"; {split.num_truncated:,} captions cut to 77 tokens" if split.num_truncated else ""
+        cut = f"; {split.num_truncated:,} captions cut to {clip_min.CONTEXT_LENGTH} tokens" if split.num_truncated else ""
         print(f"{dataset_name} {args.split}, {len(split.image_paths):,} images{cut}:")
         print(format_table({name: metrics, "chance": chance_metrics(split)}))
 

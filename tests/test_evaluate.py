@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import clip_min
 import evaluate
 
 # -----------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_extract_features_gives_normalised_features_of_the_model(capsys):
     torch.manual_seed(0)
     model = TinyModel()
     images = torch.randn(10, 3, 8, 4)
-    captions = torch.randint(100, (7, 77))
+    captions = torch.randint(100, (7, clip_min.CONTEXT_LENGTH))
     # DataLoaders over plain tensors yield plain tensor batches, the loader contract.
     image_loader = torch.utils.data.DataLoader(images, batch_size=3)
     caption_loader = torch.utils.data.DataLoader(captions, batch_size=4)
@@ -216,7 +217,7 @@ def test_extract_features_gives_normalised_features_of_the_model(capsys):
 
 def test_extract_features_reports_progress_when_asked(capsys):
     loader = torch.utils.data.DataLoader(torch.randn(8, 3, 8, 4), batch_size=2)
-    captions = torch.utils.data.DataLoader(torch.randint(100, (2, 77)), batch_size=2)
+    captions = torch.utils.data.DataLoader(torch.randint(100, (2, clip_min.CONTEXT_LENGTH)), batch_size=2)
     evaluate.extract_features(TinyModel(), loader, captions, "cpu", log_every=2)
     assert capsys.readouterr().err.count("batches of images") == 2
 
