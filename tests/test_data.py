@@ -306,6 +306,17 @@ def run_check(root):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.parametrize("argv,message", [
+    ([], "error: nothing to do: give --check NAME or --make-demo (see --help)"),
+    (["--check", "CUHK"], "error: argument --check: invalid choice: 'CUHK'"),
+])
+def test_data_py_flag_errors_are_one_line_like_the_other_scripts(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_check_reports_every_problem(cuhk, capsys):
     assert data.check("CUHK-PEDES", str(cuhk)) == 0  # in this process: one start of Python is enough
     clean = capsys.readouterr().out
