@@ -392,6 +392,13 @@ def test_help_shows_each_default_once_and_the_demo_recipe():
     assert "(default: 60)" in text and "(default: 384 128)" in text
 
 
+def test_evaluate_py_help_shows_no_empty_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and "(default: None)" not in text and "(default: ViT-B/16)" in text
+
+
 def test_out_naming_a_file_or_a_read_only_folder_is_refused(setup, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert "argument --out: " in flag_error(capsys, arguments(setup, tmp_path / "file"))
