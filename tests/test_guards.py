@@ -80,7 +80,8 @@ def test_best_pt_is_the_first_best_val_epoch_and_the_test_split_is_scored_with_i
     model, _ = evaluate.load_checkpoint(str(out / "best.pt"))
     test = data.load_dataset("CUHK-PEDES", str(setup[0])).test
     expected = EVALUATE_LOADERS(model, data.eval_loaders(test, (32, 16)), test, "cpu")
-    assert reported == {"epoch": 2, **{k: pytest.approx(v, abs=1e-9) for k, v in expected.items()}}
+    assert reported == {"epoch": 2, "selected_on": "val R1 0.00 at epoch 2 of 3",
+                        **{k: pytest.approx(v, abs=1e-9) for k, v in expected.items()}}
 
 
 def test_a_resumed_run_keeps_its_schedule_and_best_epoch_and_stop_after_counts_from_the_resume(
