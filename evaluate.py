@@ -500,7 +500,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
 
 def selected_on(checkpoint: dict) -> str:
     """What train.py chose this checkpoint on, in words: the val R1 of its epoch, or the last epoch
-    where the dataset has no val split; a last.pt that is not the best epoch says so."""
+    where the dataset has no val split; "nothing" for a last.pt that is not the best epoch."""
     epoch, best = checkpoint["epoch"], checkpoint.get("best", {})
     epochs = checkpoint["args"].get("epochs")
     this_epoch = f"epoch {epoch + 1}" + (f" of {epochs}" if epochs else "")
@@ -510,8 +510,8 @@ def selected_on(checkpoint: dict) -> str:
     if best_epoch == epoch:
         return f"val R1 {best_r1:.2f} at {this_epoch}"
     if best_epoch < 0:
-        return f"not selected: {this_epoch}, saved before any val evaluation"
-    return f"not selected: {this_epoch} (val's best was R1 {best_r1:.2f} at epoch {best_epoch + 1})"
+        return f"nothing: {this_epoch}, saved before any val evaluation"
+    return f"nothing: {this_epoch}, the last saved (val's best was R1 {best_r1:.2f} at epoch {best_epoch + 1})"
 
 
 def selection_record(checkpoint: dict) -> dict:
