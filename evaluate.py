@@ -20,7 +20,7 @@ Queries go in chunks; each row is sorted by value only, the rank of every releva
 binary search of its score in the sorted row, and AP and INP follow from those ranks in closed
 form, with no loop over queries and no [Q, G] index matrices (i2t reads the transposed similarity
 the same way). Queries without a relevant item are excluded and counted; ties follow a stated rule
-(see `retrieval_metrics`). Several runs of one method are summed up as mean +- sample std.
+(see `retrieval_metrics`). Several runs of one method are summed up as mean ± sample std.
 
 The file also extracts features from any model with `encode_image` / `encode_text`, holds the
 device and precision policy both scripts share, saves and rebuilds the checkpoints train.py
@@ -1015,6 +1015,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                             or args.routing):
         parser.error("argument --checkpoint: --query, --save-examples, --gallery and --routing work on one "
                      "checkpoint; several are for a table of runs")
+    files = [os.path.realpath(path) for path in args.checkpoints or []]
+    twice = next((path for path, file in zip(args.checkpoints or [], files) if files.count(file) > 1), None)
+    if twice:
+        parser.error(f"argument --checkpoint: {twice} is given twice; a mean over runs counts each run once")
     # The one checkpoint that pictures, folder search and routing read (None: zero-shot CLIP).
     args.checkpoint = args.checkpoints[0] if args.checkpoints else None
     args.directions = list(DIRECTIONS) if args.direction == "both" else [args.direction]

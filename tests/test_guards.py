@@ -193,6 +193,10 @@ def test_evaluate_py_reports_several_runs_as_mean_and_std_in_both_directions(set
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'odd.pt'}: dataset RSTPReid, but {paths[0]} and 1 other have CUHK-PEDES")
     assert len(err.strip().splitlines()) == 1
+    # A run given twice would count twice in the mean.
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", *paths, paths[0]])
+    assert f"argument --checkpoint: {paths[0]} is given twice" in capsys.readouterr().err
     # Pictures are of one model.
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", *paths, "--save-examples", "2"])
