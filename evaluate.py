@@ -341,9 +341,8 @@ def mean_and_std(runs: list[dict]) -> dict:
     return {**{name: (m, s) for name, m, s in zip(METRIC_NAMES, means, stds)}, "num_runs": len(runs)}
 
 
-def format_metrics(metrics: dict, direction: str = "t2i") -> str:
-    relevant = "image" if direction == "t2i" else "caption"
-    skipped = f", {metrics['num_skipped']} without a relevant {relevant} skipped" if metrics["num_skipped"] else ""
+def format_metrics(metrics: dict) -> str:
+    skipped = f", {metrics['num_skipped']} without a relevant image skipped" if metrics["num_skipped"] else ""
     return ("  ".join(f"{name} {metrics[name]:6.2f}" for name in METRIC_NAMES)
             + f"  ({metrics['num_queries']:,} queries{skipped})")
 
@@ -501,6 +500,8 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
 def selected_on(checkpoint: dict) -> str:
     """What train.py chose this checkpoint on, in words: the val R1 of its epoch, or the last epoch
     where the dataset has no val split; "nothing" for a last.pt that is not the best epoch."""
+    if "epoch" not in checkpoint:
+        return "unknown: the checkpoint records no epoch"
     epoch, best = checkpoint["epoch"], checkpoint.get("best", {})
     epochs = checkpoint["args"].get("epochs")
     this_epoch = f"epoch {epoch + 1}" + (f" of {epochs}" if epochs else "")
@@ -524,12 +525,16 @@ def selection_record(checkpoint: dict) -> dict:
     return record
 
 
+RUN_KEYS = ("method", "data", "clip", "epoch", "best", "args", "dataset_check")  # what describes a run
+
+
 def read_run(path: str) -> dict:
-    """A checkpoint without its weights (the trained ones, a backbone kept in the file): what
-    `check_runs_agree` and the table read, so that several runs are compared before any is loaded."""
+    """A checkpoint's description without any weights or optimizer state: what `check_runs_agree`
+    and the table read, so that several runs are compared before any model is built, and only
+    one run's weights are in memory at a time."""
     checkpoint = read_checkpoint(path)
     checkpoint["clip"] = {key: value for key, value in checkpoint["clip"].items() if key != "state_dict"}
-    return {key: value for key, value in checkpoint.items() if key != "trainable"}
+    return {key: checkpoint[key] for key in RUN_KEYS if key in checkpoint}
 
 
 RUN_FIELDS = {"method": lambda c: c["method"], "dataset": lambda c: c["data"],  # what runs to average share

@@ -258,6 +258,7 @@ def test_what_a_checkpoint_was_selected_on():
             == "nothing: epoch 10 of 10, the last saved (val's best was R1 48.20 at epoch 7)")
     assert (evaluate.selected_on(fake_checkpoint(0, -1, -1.0))
             == "nothing: epoch 1 of 10, saved before any val evaluation")
+    assert evaluate.selected_on({"args": {}}) == "unknown: the checkpoint records no epoch"
 
 
 def test_a_dataset_check_is_carried_only_when_the_run_recorded_one():
