@@ -185,6 +185,14 @@ def test_evaluate_py_reports_several_runs_as_mean_and_std_in_both_directions(set
     for path, r in zip(paths, reported):
         assert f"{path}: cskt trained on CUHK-PEDES, selected on {r['selected_on']}\n" in printed
 
+    # A run that recorded whether its dataset matched the published set says so under the table.
+    checked = torch.load(paths[0], weights_only=True)
+    checked["dataset_check"] = "matches the published set"
+    torch.save(checked, tmp_path / "checked.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "checked.pt"), "--root", str(setup[0]), "--workers", "0"]) == 0
+    assert (f"checked.pt: cskt trained on CUHK-PEDES, selected on {reported[0]['selected_on']}; "
+            "dataset check: matches the published set\n") in capsys.readouterr().out
+
     # A run of another dataset among them is refused, naming it, before any model is built.
     odd = torch.load(paths[1], weights_only=True)
     odd["data"] = "RSTPReid"
