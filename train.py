@@ -552,7 +552,9 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         log(f"test (epoch {best_checkpoint['epoch'] + 1}): " + evaluate.format_metrics(results))
         record({"epoch": best_checkpoint["epoch"] + 1, "split": "test", **results})
         with open(os.path.join(args.out, "test_metrics.json"), "w") as file:
-            json.dump({"epoch": best_checkpoint["epoch"] + 1, **results}, file, indent=2)
+            # What the number was selected on (val R1 at epoch N, or the last epoch without a val split).
+            json.dump({"epoch": best_checkpoint["epoch"] + 1, **evaluate.selection_record(best_checkpoint), **results},
+                      file, indent=2)
         if args.data == "demo":
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
