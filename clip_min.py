@@ -1,4 +1,4 @@
-"""CLIP from scratch, in one file: the tokenizer, the two towers, OpenAI's weights, the SDM loss.
+"""CLIP from scratch, in one file: the tokenizer, the two towers, the losses, OpenAI's weights.
 
 CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
 ICML 2021, arXiv 2103.00020) embeds an image and a sentence into one space, E dimensions wide:
@@ -23,12 +23,13 @@ released checkpoints load strictly. What differs is mechanics only: batch-first 
 `is_causal`), fp32 weights with autocast instead of fp16 weights, and person-shaped inputs
 (384x128 with a resized position grid, as text-based person retrieval needs).
 
-It also holds the loss every method in this project trains with, SDM (Jiang & Ye, "Cross-Modal
-Implicit Relation Reasoning and Aligning for Text-to-Image Person Retrieval" (IRRA), CVPR 2023,
-arXiv 2303.12501), next to the model it trains.
+It also holds two losses, next to the model they train: CLIP's own symmetric InfoNCE, which the
+demo pretrains its tiny CLIP with, and the loss every method in this project trains with, SDM
+(Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for Text-to-Image Person
+Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
 
-Reading order: tokenizer -> model pieces -> CLIP -> SDM loss -> building from a state dict ->
-loading OpenAI's files.
+Reading order: tokenizer -> model pieces -> the losses (InfoNCE, SDM) -> CLIP -> building from a
+state dict -> loading OpenAI's files.
 """
 
 import functools
@@ -322,8 +323,31 @@ class CLIPConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# The loss: similarity distribution matching (SDM, IRRA)
+# The losses: CLIP's symmetric InfoNCE, and similarity distribution matching (SDM, IRRA)
 # ------------------------------------------------------------------------------------------------
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's contrastive loss over a batch of B matching pairs (pair i: image i, caption i).
+
+    OpenAI's definition (Radford et al. 2021, Figure 3), with v and t the L2-normalised features:
+
+        logits = exp(logit_scale) * v @ t.T                       [B, B]: images x captions
+        L = (cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2,   i = 0..B-1
+
+    a softmax over the captions for each image and over the images for each caption, the matching
+    pair the target. `logit_scale` is the learned log of 1 / temperature (CLIP.logit_scale).
+    Every other pair in the batch counts as a negative, even one of the same person: fine for
+    pretraining on captions of distinct images, which is where this project uses it (the demo's
+    tiny CLIP); SDM below is the loss for batches holding several captions of one identity.
+    Computed in fp32 whatever the autocast context.
+    """
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features = F.normalize(image_features.float(), dim=-1)  # [B, E]
+        text_features = F.normalize(text_features.float(), dim=-1)  # [B, E]
+        logits = logit_scale.float().exp() * image_features @ text_features.T  # [B, B]: images x captions
+        matching = torch.arange(len(logits), device=logits.device)  # pair i's caption is caption i
+        return (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
+
 
 def processes() -> int:
     """How many processes share each batch: torchrun's world size once torch.distributed is set
@@ -392,6 +416,10 @@ def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: to
 
         return kl_to_target(image_to_text) + kl_to_target(image_to_text.T)
 
+
+# ------------------------------------------------------------------------------------------------
+# CLIP: the two towers side by side, and fine-tuning all of it with SDM
+# ------------------------------------------------------------------------------------------------
 
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):

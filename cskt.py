@@ -128,10 +128,6 @@ class CSKT(nn.Module):
         self.clip.eval()  # the backbone is frozen: it stays in evaluation mode
         return self
 
-    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """What CSKT trains: the prompts, their projections, the adapters; never CLIP."""
-        return [(name, p) for name, p in self.named_parameters() if not name.startswith("clip.")]
-
     # --- BPT: the 2n prompt tokens of each tower at layer l ---------------------------------------
 
     def text_layer_prompts(self, layer: int) -> torch.Tensor:  # [2n, w] = [T_l, V2T_l(V_l)]

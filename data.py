@@ -27,7 +27,6 @@ before any training: load_dataset tokenizes every caption and reads the header o
 every image in full.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -684,7 +683,7 @@ def check(name: str, root: str) -> int:
         if n % PROGRESS_EVERY == 0:
             print(f"opened {n} / {len(entries)} images", file=sys.stderr)
     print(f"{name} under {root} (valid entries):\n"
-          f"{'split':<6} {'ids':>7} {'images':>7} {'captions':>8} {'cut to 77 tokens':>16}")
+          f"{'split':<6} {'ids':>7} {'images':>7} {'captions':>8} {f'cut to {clip_min.CONTEXT_LENGTH} tokens':>16}")
     for split in ("train", "val", "test"):
         part = [e for e in entries if e.split == split]
         if part:
@@ -697,8 +696,9 @@ def check(name: str, root: str) -> int:
     return len(problems)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Check a person-retrieval dataset, or draw the demo sets.")
+def main(argv: list[str] | None = None) -> int:
+    import evaluate  # its one-line flag errors, as train.py's and evaluate.py's (it imports this file)
+    parser = evaluate.ArgumentParser(description="Check a person-retrieval dataset, or draw the demo sets.")
     parser.add_argument("--check", metavar="NAME", choices=list(DATASETS),
                         help=f"scan dataset NAME ({', '.join(DATASETS)}), open every image, report every "
                              "problem with counts per split; exit status 1 if there is any")
@@ -706,7 +706,7 @@ if __name__ == "__main__":
                         help="draw demo and demo-pretrain under --root (unless they are up to date)")
     parser.add_argument("--root", default="data",
                         help="folder holding one folder per dataset (default: data)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.check or args.make_demo):
         parser.error("nothing to do: give --check NAME or --make-demo")
     try:
@@ -714,6 +714,12 @@ if __name__ == "__main__":
             for demo in DEMO_SIZES:
                 make_demo(demo, args.root)
         if args.check:
-            sys.exit(1 if check(args.check, args.root) else 0)
+            return 1 if check(args.check, args.root) else 0
     except DataError as e:
-        sys.exit(f"data.py: {e}")
+        print(f"data.py: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

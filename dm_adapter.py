@@ -149,10 +149,6 @@ class DMAdapter(nn.Module):
         self.clip.eval()  # the backbone is frozen: it stays in evaluation mode
         return self
 
-    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """What DM-Adapter trains: the mixtures and their routers; never CLIP."""
-        return [(name, p) for name, p in self.named_parameters() if not name.startswith("clip.")]
-
     def image_features_and_balance(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.clip.visual
         x = visual.ln_pre(visual.embed(images))  # [B, 1 + N, W]

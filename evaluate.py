@@ -11,10 +11,16 @@ identity) at 0-based ranks r_1 < r_2 < ... < r_n, then
     INP  = n / (r_n + 1)                            (precision at the last relevant item)
     mAP  = mean over q of AP,   mINP = mean over q of INP,   all reported in percent.
 
+That is text-to-image (t2i, the papers' tables): the queries are the split's captions, the gallery
+its images. Image-to-text (i2t) is IRRA's `i2t_metric`: the same formulas with the roles swapped,
+each image of the split a query ranking every caption of the split, relevant = the captions of the
+same identity (the image's own and those of its other images).
+
 Queries go in chunks; each row is sorted by value only, the rank of every relevant item is a
 binary search of its score in the sorted row, and AP and INP follow from those ranks in closed
-form, with no loop over queries and no [Q, G] index matrices. Queries without a relevant item are
-excluded and counted; ties follow a stated rule (see `retrieval_metrics`).
+form, with no loop over queries and no [Q, G] index matrices (i2t reads the transposed similarity
+the same way). Queries without a relevant item are excluded and counted; ties follow a stated rule
+(see `retrieval_metrics`). Several runs of one method are summed up as mean ± sample std.
 
 The file also extracts features from any model with `encode_image` / `encode_text`, holds the
 device and precision policy both scripts share, saves and rebuilds the checkpoints train.py
@@ -22,6 +28,7 @@ writes, draws pictures of what was retrieved, searches any folder of images, dra
 routing, and is a command line:
 
     python evaluate.py --checkpoint runs/cuhk-cskt/best.pt                 # the test split's table
+    python evaluate.py --checkpoint runs/s1/best.pt runs/s2/best.pt runs/s3/best.pt --direction both
     python evaluate.py --checkpoint cuhk/best.pt --data ICFG-PEDES         # across datasets
     python evaluate.py --method clip --clip ViT-B/16 --data CUHK-PEDES      # frozen CLIP, zero-shot
     python evaluate.py --checkpoint best.pt --query "a man in a blue jacket" --topk 10
@@ -31,6 +38,7 @@ routing, and is a command line:
 """
 
 import argparse
+import collections
 import colorsys
 import contextlib
 import functools
@@ -165,6 +173,24 @@ def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, galler
             "num_queries": num_queries, "num_skipped": len(query_pids) - num_queries}
 
 
+DIRECTIONS = {"t2i": "text-to-image", "i2t": "image-to-text"}  # --direction; t2i is the papers' table
+
+
+def directional_metrics(similarity: torch.Tensor, caption_pids: torch.Tensor, image_pids: torch.Tensor,
+                        direction: str = "t2i", chunk_size: int = 1024) -> dict:
+    """`retrieval_metrics` in one direction, from the caption-by-image similarity [Q, G].
+
+    "t2i": every caption ranks the images. "i2t" (IRRA's `i2t_metric`): every image ranks the
+    captions, read from the transposed view in chunks of images, with no copy of the whole matrix;
+    an image whose identity has no caption is excluded and counted, as a caption is in t2i.
+    """
+    if direction == "t2i":
+        return retrieval_metrics(similarity, caption_pids, image_pids, chunk_size)
+    if direction == "i2t":
+        return retrieval_metrics(similarity.T, image_pids, caption_pids, chunk_size)   # [G, Q]
+    raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+
+
 
 # ------------------------------------------------------------------------------------------------
 # Device and precision: one policy for training and evaluation
@@ -297,31 +323,35 @@ def encode_queries(model: nn.Module, queries: list[str], device: torch.device | 
 # Evaluating a model on a split, and tables of results
 # ------------------------------------------------------------------------------------------------
 
-def evaluate_split(model: nn.Module, split: data.EvalSplit, image_size: tuple[int, int],
-                   device: torch.device | str, amp_dtype: torch.dtype | None = None,
-                   batch_size: int = 256, workers: int = 0) -> dict:
-    """Text-to-image metrics of `model` on an EvalSplit (data.py), images at `image_size` (H, W)."""
-    loaders = data.eval_loaders(split, image_size, batch_size, workers, torch.device(device).type == "cuda")
-    return evaluate_loaders(model, loaders, split, device, amp_dtype)
-
-
 def evaluate_loaders(model: nn.Module, loaders: tuple[DataLoader, DataLoader], split: data.EvalSplit,
                      device: torch.device | str, amp_dtype: torch.dtype | None = None) -> dict:
-    """The same with the split's (image, caption) loaders already built: train.py builds its val
-    loaders once (the captions tokenized once, the image workers kept) and evaluates every few epochs."""
+    """Text-to-image metrics of `model` on an EvalSplit (data.py), given the split's (image, caption)
+    loaders (data.eval_loaders): train.py builds its val loaders once (the captions tokenized once,
+    the image workers kept) and evaluates every few epochs."""
     image_features, caption_features = extract_features(model, *loaders, device, amp_dtype)
     similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
     return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
 
 
-def chance_metrics(split: data.EvalSplit, seed: int = 0) -> dict:
+def chance_metrics(split: data.EvalSplit, seed: int = 0, direction: str = "t2i") -> dict:
     """The metrics of a random ranking (one draw of uniform scores): the floor to compare with."""
     generator = torch.Generator().manual_seed(seed)
     similarity = torch.rand(len(split.caption_pids), len(split.image_pids), generator=generator)
-    return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
+    return directional_metrics(similarity, split.caption_pids, split.image_pids, direction)
 
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def mean_and_std(runs: list[dict]) -> dict:
+    """Several runs' metrics -> {name: (mean, sample standard deviation)} for R1 ... mINP, and
+    "num_runs". The sample std divides by n - 1 (the runs are a sample of the seeds one could try),
+    so it needs at least two runs."""
+    if len(runs) < 2:
+        raise ValueError(f"a mean and standard deviation need at least 2 runs, got {len(runs)}")
+    values = torch.tensor([[run[name] for name in METRIC_NAMES] for run in runs], dtype=torch.float64)  # [n, 5]
+    means, stds = values.mean(0).tolist(), values.std(0, correction=1).tolist()
+    return {**{name: (m, s) for name, m, s in zip(METRIC_NAMES, means, stds)}, "num_runs": len(runs)}
 
 
 def format_metrics(metrics: dict) -> str:
@@ -331,12 +361,16 @@ def format_metrics(metrics: dict) -> str:
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """{row name: metrics} -> a Markdown table, in percent."""
+    """{row name: metrics} -> a Markdown table, in percent. A value may be a (mean, std) pair (see
+    `mean_and_std`), shown as "mean ± std"."""
+    cells = {name: [f"{v[0]:.2f} ± {v[1]:.2f}" if isinstance(v, tuple) else f"{v:6.2f}"
+                    for v in (metrics[m] for m in METRIC_NAMES)] for name, metrics in rows.items()}
     width = max(len(name) for name in rows)
-    lines = [f"| {'':{width}} | " + " | ".join(f"{name:>6}" for name in METRIC_NAMES) + " |",
-             f"|{'-' * (width + 2)}|" + "|".join("-" * 8 for _ in METRIC_NAMES) + "|"]
-    for name, metrics in rows.items():
-        lines.append(f"| {name:{width}} | " + " | ".join(f"{metrics[m]:6.2f}" for m in METRIC_NAMES) + " |")
+    widths = [max(6, *(len(row[column]) for row in cells.values())) for column in range(len(METRIC_NAMES))]
+    lines = [f"| {'':{width}} | " + " | ".join(f"{name:>{w}}" for name, w in zip(METRIC_NAMES, widths)) + " |",
+             f"|{'-' * (width + 2)}|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for name, row in cells.items():
+        lines.append(f"| {name:{width}} | " + " | ".join(f"{cell:>{w}}" for cell, w in zip(row, widths)) + " |")
     return "\n".join(lines)
 
 
@@ -389,9 +423,16 @@ def build_method(method: str, clip_model: clip_min.CLIP, method_args: dict) -> n
     raise ValueError(f"unknown method {method!r}")
 
 
+def is_trained(name: str) -> bool:
+    """What a method trains, by a weight's name in the model: everything but the frozen backbone
+    (a fine-tuned CLIP has no frozen part: all of it). The one definition: checkpoints save these,
+    and CSKT and DM-Adapter leave exactly these with requires_grad (the tests hold them to it)."""
+    return not name.startswith(BACKBONE_PREFIX)
+
+
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight but the frozen backbone's (a fine-tuned CLIP has no frozen part: all of it)."""
-    return {name: v.detach().cpu() for name, v in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}
+    """The trained weights (is_trained), on the CPU: what a checkpoint holds."""
+    return {name: v.detach().cpu() for name, v in model.state_dict().items() if is_trained(name)}
 
 
 def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) -> dict:
@@ -408,26 +449,35 @@ def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) ->
     return {**backbone, "state_dict": {k: v.detach().cpu() for k, v in clip_model.state_dict().items()}}
 
 
-def save_checkpoint(path: str, model: nn.Module, **fields) -> None:
-    """Saves `fields` and the model's trained weights (as "trainable") at `path`. Atomic and
-    durable: written beside `path`, flushed to the disk, renamed over it, and the rename flushed
-    too. A save that fails (a full or read-only disk) leaves the previous file."""
+def save_atomically(obj, path: str) -> None:
+    """torch.save(obj, path), atomic and durable: written beside `path` (as path + ".tmp"), flushed
+    to the disk, renamed over it, and the rename flushed too. A save that fails or is interrupted
+    (a full or read-only disk, Ctrl-C) leaves the previous file whole and no temporary one."""
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as file:
-            torch.save({**fields, "trainable": trained_state(model)}, file)
+            torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-        with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
-            folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
-    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temporary)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def save_checkpoint(path: str, model: nn.Module, **fields) -> None:
+    """Saves `fields` and the model's trained weights (as "trainable") at `path`, atomically
+    (save_atomically). A save that fails (a full or read-only disk) leaves the previous file."""
+    try:
+        save_atomically({**fields, "trainable": trained_state(model)}, path)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise CheckpointError(f"could not save {path}: {reason}; the previous "
                               f"{os.path.basename(path)}, if any, is kept") from None
@@ -454,7 +504,7 @@ def load_trained(model: nn.Module, trained: dict, source: str) -> None:
         missing, unexpected = model.load_state_dict(trained, strict=False)
     except RuntimeError as error:  # a shape mismatch
         raise CheckpointError(f"{source} does not fit this model: {str(error).splitlines()[-1].strip()}") from None
-    not_restored = [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
+    not_restored = [key for key in missing if is_trained(key)]
     if unexpected or not_restored:
         raise CheckpointError(f"{source} does not fit this model: unexpected weights "
                               f"{unexpected or 'none'}, missing {not_restored or 'none'}")
@@ -474,6 +524,65 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
     model = build_method(checkpoint["method"], clip_model, checkpoint["method_args"])
     load_trained(model, checkpoint["trainable"], path)
     return model.to(device).eval(), checkpoint
+
+
+def selected_on(checkpoint: dict) -> str:
+    """What train.py chose this checkpoint on, in words: the val R1 of its epoch, or the last epoch
+    where the dataset has no val split; "nothing" for a last.pt that is not the best epoch."""
+    if "epoch" not in checkpoint:
+        return "unknown: the checkpoint records no epoch"
+    epoch, best = checkpoint["epoch"], checkpoint.get("best", {})
+    epochs = checkpoint["args"].get("epochs")
+    this_epoch = f"epoch {epoch + 1}" + (f" of {epochs}" if epochs else "")
+    best_epoch, best_r1 = best.get("epoch", -1), best.get("R1", -1.0)
+    if math.isnan(best_r1):  # train.py's mark for a dataset without a val split
+        return f"the last epoch ({this_epoch}): {checkpoint['data']} has no val split"
+    if best_epoch == epoch:
+        return f"val R1 {best_r1:.2f} at {this_epoch}"
+    if best_epoch < 0:
+        return f"nothing: {this_epoch}, saved before any val evaluation"
+    return f"nothing: {this_epoch}, the last saved (val's best was R1 {best_r1:.2f} at epoch {best_epoch + 1})"
+
+
+def selection_record(checkpoint: dict) -> dict:
+    """The fields test_metrics.json and evaluate.py's table carry about a checkpoint: "selected_on"
+    and, when the run recorded one, "dataset_check" (whether the dataset on disk matched the
+    published set: another copy gives numbers that cannot be compared with the papers')."""
+    record = {"selected_on": selected_on(checkpoint)}
+    if checkpoint.get("dataset_check") is not None:
+        record["dataset_check"] = checkpoint["dataset_check"]
+    return record
+
+
+RUN_KEYS = ("method", "data", "clip", "epoch", "best", "args", "dataset_check")  # what describes a run
+
+
+def read_run(path: str) -> dict:
+    """A checkpoint's description without any weights or optimizer state: what `check_runs_agree`
+    and the table read, so that several runs are compared before any model is built, and only
+    one run's weights are in memory at a time."""
+    checkpoint = read_checkpoint(path)
+    checkpoint["clip"] = {key: value for key, value in checkpoint["clip"].items() if key != "state_dict"}
+    return {key: checkpoint[key] for key in RUN_KEYS if key in checkpoint}
+
+
+RUN_FIELDS = {"method": lambda c: c["method"], "dataset": lambda c: c["data"],  # what runs to average share
+              "image size": lambda c: "{}x{} stride {}".format(*c["clip"]["image_size"], c["clip"]["stride"])}
+
+
+def check_runs_agree(checkpoints: dict[str, dict]) -> None:
+    """{path: checkpoint} of the runs to average: one method, one training dataset, one image size
+    and stride, or CheckpointError naming the odd one out (against the value most of them share)."""
+    for field, value_of in RUN_FIELDS.items():
+        values = {path: value_of(checkpoint) for path, checkpoint in checkpoints.items()}
+        counts = collections.Counter(values.values())
+        common = max(counts, key=counts.get)        # the most frequent; on a tie, the first met
+        odd = next((path for path, value in values.items() if value != common), None)
+        if odd is not None:
+            first, sharing = next(path for path, value in values.items() if value == common), counts[common] - 1
+            others = f" and {sharing} other{'s' if sharing > 1 else ''} have" if sharing else " has"
+            raise CheckpointError(f"{odd}: {field} {values[odd]}, but {first}{others} {common}; "
+                                  "a mean over runs needs one method, dataset and image size")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -682,9 +791,8 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
     paths, messages = list(files), [all_messages[row] for row in rows]
     features = torch.cat([cache["features"], new_features])[rows]                          # [N, E]
     if new or cache["paths"] != paths:
-        torch.save({"model": identity, "paths": paths, "stamps": list(files.values()), "features": features,
-                    "messages": messages}, f"{cache_path}.tmp")
-        os.replace(f"{cache_path}.tmp", cache_path)  # atomic: an interrupted save leaves the old cache
+        save_atomically({"model": identity, "paths": paths, "stamps": list(files.values()), "features": features,
+                         "messages": messages}, cache_path)  # an interrupted save leaves the old cache
 
     readable = [row for row, message in enumerate(messages) if not message]
     unreadable = problems + [message for message in messages if message]
@@ -882,6 +990,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
+    flag without a default (None), nor after a text that states its own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
     """A folder we may create or write into: not a file, and under a writable existing parent."""
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -896,9 +1016,11 @@ def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
                                      "on a dataset split; optionally draw what was retrieved.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="a best.pt or last.pt written by train.py")
+    model.add_argument("--checkpoint", nargs="+", dest="checkpoints", metavar="CHECKPOINT",
+                       help="a best.pt or last.pt written by train.py; several (runs of one method, dataset "
+                       "and image size, e.g. seeds) add their mean ± sample std")
     model.add_argument("--method", choices=["clip"], help="'clip': evaluate frozen CLIP zero-shot (a baseline)")
     parser.add_argument("--clip", default="ViT-B/16", help="with --method clip: a release name or checkpoint file")
     parser.add_argument("--image-size", type=number(int, minimum=1), nargs=2, default=None, metavar=("H", "W"),
@@ -909,6 +1031,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--root", default="data", help="folder holding the datasets")
     parser.add_argument("--split", default="test", choices=["test", "val"], help="which split to evaluate")
+    parser.add_argument("--direction", default="t2i", choices=[*DIRECTIONS, "both"],
+                        help="t2i: each caption ranks the images (the papers' tables); i2t: each image ranks "
+                        "the captions (IRRA's i2t_metric); both: a table for each")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                         help="autocast dtype: auto is bf16 on GPUs with bf16 units (compute capability 8+), "
@@ -933,6 +1058,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     routing.add_argument("--routing-caption", metavar="TEXT",
                          help="the caption whose per-token picks are drawn; if not given, the split's first")
     args = parser.parse_args(argv)
+    if args.checkpoints and len(args.checkpoints) > 1 and (args.query or args.save_examples or args.gallery
+                                                            or args.routing):
+        parser.error("argument --checkpoint: --query, --save-examples, --gallery and --routing work on one "
+                     "checkpoint; several are for a table of runs")
+    files = [os.path.realpath(path) for path in args.checkpoints or []]
+    twice = next((path for path, file in zip(args.checkpoints or [], files) if files.count(file) > 1), None)
+    if twice:
+        parser.error(f"argument --checkpoint: {twice} is given twice; a mean over runs counts each run once")
+    # The one checkpoint that pictures, folder search and routing read (None: zero-shot CLIP).
+    args.checkpoint = args.checkpoints[0] if args.checkpoints else None
+    args.directions = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     if args.checkpoint and (args.image_size or args.stride):
         parser.error("argument --image-size/--stride: a checkpoint is evaluated at the size and stride it was "
                      "trained with; these flags go with --method clip")
@@ -956,30 +1092,54 @@ def main(argv: list[str] | None = None) -> int:
     use_device(args.device)
     amp_dtype = autocast_dtype(args.precision, args.device)
     try:
-        if args.checkpoint:
-            model, checkpoint = load_checkpoint(args.checkpoint, args.device)
-            image_size = tuple(checkpoint["clip"]["image_size"])
-            name, dataset_name = checkpoint["method"], args.data or checkpoint["data"]
+        if args.checkpoints:
+            # {source: checkpoint without weights}; every file is read and compared before any model is built.
+            runs = {path: read_run(path) for path in args.checkpoints}
+            check_runs_agree(runs)
+            first = next(iter(runs.values()))
+            image_size, dataset_name = tuple(first["clip"]["image_size"]), args.data or first["data"]
+            # One run's row is named by its method, as in train.py's table; several by their files.
+            names = {path: first["method"] if len(runs) == 1 else path for path in runs}
+            models = (load_checkpoint(path, args.device)[0] for path in runs)  # one at a time, when needed
         else:
             image_size = tuple(args.image_size or (384, 128))
             clip_model = clip_min.load(args.clip, image_size, args.stride or 16, args.device)
-            model, name, dataset_name = build_method("clip", clip_model, {}), f"{args.clip} zero-shot", args.data
+            runs, names, dataset_name = {args.clip: None}, {args.clip: f"{args.clip} zero-shot"}, args.data  # no run
+            models = iter([build_method("clip", clip_model, {})])
         if args.gallery:
-            return search_folder_main(args, model, image_size)
+            return search_folder_main(args, next(models), image_size)
         dataset = data.load_dataset(dataset_name, args.root)
         split = dataset.val if args.split == "val" else dataset.test
         if split is None:
             raise data.DataError(f"{dataset_name} has no val split")
         if args.routing:
-            return routing_main(args, model, split, image_size, amp_dtype, f"{dataset_name} {args.split}")
+            return routing_main(args, next(models), split, image_size, amp_dtype, f"{dataset_name} {args.split}")
         image_loader, caption_loader = data.eval_loaders(split, image_size, args.batch_size, args.workers,
                                                          args.device.type == "cuda")
-        image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device, amp_dtype)
-        similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
-        metrics = retrieval_metrics(similarity, split.caption_pids, split.image_pids)
-        cut = f"; {split.num_truncated:,} captions cut to 77 tokens" if split.num_truncated else ""
+        tables = {direction: {} for direction in args.directions}  # {direction: {row name: metrics}}
+        for source, model in zip(runs, models):
+            image_features, caption_features = extract_features(model, image_loader, caption_loader, args.device,
+                                                                amp_dtype)
+            similarity = similarity_from_features(caption_features, image_features)  # [Q, G]
+            for direction, rows in tables.items():
+                rows[names[source]] = directional_metrics(similarity, split.caption_pids, split.image_pids, direction)
+        cut = f"; {split.num_truncated:,} captions cut to {clip_min.CONTEXT_LENGTH} tokens" if split.num_truncated else ""
         print(f"{dataset_name} {args.split}, {len(split.image_paths):,} images{cut}:")
-        print(format_table({name: metrics, "chance": chance_metrics(split)}))
+        for direction, rows in tables.items():
+            measured = next(iter(rows.values()))  # the same queries for every run
+            skipped = (f", {measured['num_skipped']:,} without a relevant {'image' if direction == 't2i' else 'caption'}"
+                       " left out" if measured["num_skipped"] else "")
+            print(f"{DIRECTIONS[direction]} ({direction}): {measured['num_queries']:,} "
+                  f"{'captions rank the images' if direction == 't2i' else 'images rank the captions'}{skipped}")
+            summary = {f"mean ± std of {len(rows)} runs": mean_and_std(list(rows.values()))} if len(rows) > 1 else {}
+            print(format_table({**rows, **summary, "chance": chance_metrics(split, direction=direction)}))
+        if len(runs) > 1:
+            print(f"std: the sample standard deviation (n - 1) over the n = {len(runs)} runs")
+        for source, run in runs.items():
+            if run is not None:
+                record = selection_record(run)
+                check = f"; dataset check: {record['dataset_check']}" if "dataset_check" in record else ""
+                print(f"{source}: {run['method']} trained on {run['data']}, selected on {record['selected_on']}{check}")
 
         topk = min(args.topk, len(split.image_paths))
         if args.query:

@@ -25,6 +25,7 @@ Sections: flags; the recipe (optimizer, schedule); the demo's CLIP; the run, in 
 """
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import inspect
@@ -36,7 +37,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import clip_min
@@ -51,7 +51,8 @@ from evaluate import number
 # ------------------------------------------------------------------------------------------------
 
 # The demo trains tiny models on tiny images on a CPU; these replace the authors' defaults when
-# --data demo is chosen (a flag given on the command line still wins). SDM runs at 0.04, near the
+# --data demo is chosen (a flag given on the command line still wins; a method's own flag, such
+# as CSKT's --depth, applies only to that method). SDM runs at 0.04, near the
 # 0.06 the tiny CLIP learns (the papers' 0.02 suits ViT-B/16, which learned 0.01); its small
 # gradients want Adam's usual epsilon rather than the authors' 1e-3; augmentation costs more epochs
 # than it has.
@@ -68,19 +69,31 @@ METHOD_DEFAULTS = {method: {name: parameter.default for name, parameter in inspe
 RUNNING_FLAGS = {"device", "precision", "workers", "eval_every", "log_every", "compile", "resume", "out", "stop_after"}
 
 
+def as_flags(values: dict) -> str:
+    """{"batch_size": 64, "augment": False} -> "--batch-size 64 --no-augment", as it would be typed."""
+    def flag(name, value):
+        name = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return name if value else name.replace("--", "--no-", 1)
+        return f"{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+    return " ".join(flag(name, value) for name, value in values.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = evaluate.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = evaluate.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.HelpFormatter)
     add = parser.add_argument
     add("--method", default="cskt", choices=evaluate.METHODS,
         help="what to train: CSKT or DM-Adapter on a frozen CLIP, or every CLIP weight (IRRA's baseline)")
     add("--data", default="demo", choices=[*data.DATASETS],
-        help="dataset under --root; 'demo' is drawn on first use (demo-pretrain is the demo's CLIP corpus)")
+        help="dataset under --root; 'demo' is drawn on first use (demo-pretrain is the demo's CLIP corpus) "
+             "and trains with the demo's recipe, not the values shown below: "
+             f"{as_flags(DEMO_RECIPE)} (--depth for cskt only; a flag given still wins)")
     add("--root", default="data", help="folder holding the datasets (see README for the layout)")
     add("--clip", default=None,
         help="CLIP release name or checkpoint path (default: ViT-B/16; for the demo, its own tiny CLIP)")
     add("--out", default=None, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
-    recipe = parser.add_argument_group("recipe (defaults: the authors'; the demo has its own)").add_argument
+    recipe = parser.add_argument_group("recipe (defaults: the authors' run scripts'; --data demo has its own, "
+                                       "see --data)").add_argument
     recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the training pairs")
     recipe("--batch-size", type=number(int, minimum=1), default=128,
            help="global batch, split evenly across torchrun processes (must divide by their number)")
@@ -165,17 +178,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**{"processes": 1, **saved, **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
                                      "resume": args.resume, "out": run_folder})
     else:
-        if args.data == "demo":  # the demo's recipe, below any flag given
-            args = argparse.Namespace(**{**vars(args), **{k: v for k, v in DEMO_RECIPE.items() if k not in given}})
+        own_flags = METHOD_DEFAULTS.get(args.method, {})
+        other_methods_flags = set().union(*METHOD_DEFAULTS.values()) - set(own_flags)
+        if args.data == "demo":  # the demo's recipe, below any flag given; another method's flags stay unset
+            args = argparse.Namespace(**{**vars(args), **{k: v for k, v in DEMO_RECIPE.items()
+                                                         if k not in given and k not in other_methods_flags}})
         if args.lr is None:
             args.lr = 1e-5 if args.method == "finetune" else 3e-4
         if args.mask_captions is None:
             args.mask_captions = args.method == "dm_adapter"  # the authors' DM-Adapter script always masks
-        own_flags = METHOD_DEFAULTS.get(args.method, {})
         for name, default in own_flags.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
-        for name in sorted(set().union(*METHOD_DEFAULTS.values()) & given - set(own_flags)):
+        for name in sorted(other_methods_flags & given):
             parser.error(f"argument --{name.replace('_', '-')}: not a flag of --method {args.method}")
         if args.method == "dm_adapter" and args.top_k > args.num_experts:
             parser.error(f"argument --top-k: at most --num-experts ({args.num_experts}), got {args.top_k}")
@@ -184,6 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"--resume {os.path.join(args.out, 'last.pt')}, or choose another --out")
         evaluate.check_output_folder(parser, "--out", args.out or "runs")
         args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
+        check_fits_clip(parser, args)
     processes = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if args.batch_size % processes:
         parser.error(f"argument --batch-size: {args.batch_size} pairs do not split evenly over {processes} processes; "
@@ -199,6 +215,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         parser.error(f"argument --device: {error}")
     return args
+
+
+def clip_shape(clip: str | None, data_name: str) -> tuple[int, int, int | None] | None:
+    """(patch size, layers of its shallower tower, the positions its image tower is bound to) of the
+    CLIP a run will use, known without building it (nor downloading or pretraining it): from
+    DEMO_CLIP, from the release name, or from a file's tensors read without running code. The
+    positions are None for a square grid, which is resized to any image size; a person-shaped grid
+    (the demo's, or a checkpoint saved from a person-shaped model) is used as it is, so the image
+    size and stride must give as many patches. None for a file that cannot be read: the run then
+    says why."""
+    if clip is None and data_name == "demo":
+        grid = clip_min.patch_grid(DEMO_CLIP.image_size, DEMO_CLIP.patch_size, DEMO_CLIP.stride)
+        return DEMO_CLIP.patch_size, min(DEMO_CLIP.vision_layers, DEMO_CLIP.text_layers), math.prod(grid)
+    clip = clip or "ViT-B/16"
+    if clip in clip_min.RELEASES:  # "ViT-L/14@336px": patch 14; every release has 12 text layers, 12 or 24 image
+        return int(clip.split("/")[1].split("@")[0]), 12, None
+    try:
+        state_dict = clip_min.read_state_dict(clip)
+        patch = state_dict["visual.conv1.weight"].shape[-1]
+        positions = state_dict["visual.positional_embedding"].shape[0] - 1
+        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
+        text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+    except (clip_min.CLIPError, KeyError, IndexError, AttributeError):
+        return None
+    return patch, min(vision_layers, text_layers), None if math.isqrt(positions) ** 2 == positions else positions
+
+
+def check_fits_clip(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--image-size, --stride and CSKT's --depth against the CLIP the run will use, before any work."""
+    shape = clip_shape(args.clip, args.data)
+    if shape is None:
+        return
+    patch, layers, bound = shape
+    height, width = args.image_size
+    if min(height, width) < patch or any((size - patch) % args.stride for size in args.image_size):
+        parser.error(f"argument --image-size: with patch {patch} and stride {args.stride}, {height}x{width} "
+                     f"leaves pixels that no patch sees; use sizes of the form {patch} + {args.stride}*k")
+    grid = clip_min.patch_grid(args.image_size, patch, args.stride)
+    if bound is not None and math.prod(grid) != bound:
+        made_for = (f"the demo's CLIP is made for --image-size {' '.join(map(str, DEMO_CLIP.image_size))} "
+                    f"--stride {DEMO_CLIP.stride}" if args.clip is None else
+                    f"it holds {bound} patches; use the image size and stride it was saved with")
+        parser.error(f"argument --image-size: {height}x{width} at stride {args.stride} gives a {grid[0]}x{grid[1]} "
+                     f"patch grid, and this CLIP's position embedding is not square, so it cannot be resized: {made_for}")
+    if args.method == "cskt" and not 1 <= args.depth <= layers:
+        parser.error(f"argument --depth: depth must be between 1 and the number of layers ({layers}), got {args.depth}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,11 +343,8 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
             # Each text batch is cut to its longest caption: exact, since the causal text tower
             # is read at EOT and no token before EOT sees the padding.
             batch_ids = ids[batch, : caption_ends[batch].max() + 1]  # [B, L']
-            image_features = F.normalize(model.encode_image(images[batch].to(device)), dim=-1)  # [B, E]
-            text_features = F.normalize(model.encode_text(batch_ids.to(device)), dim=-1)  # [B, E]
-            logits = model.logit_scale.exp() * image_features @ text_features.T  # [B, B]: images x captions
-            matching = torch.arange(len(logits), device=device)  # pair i's caption is caption i
-            loss = (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
+            loss = clip_min.clip_loss(model.encode_image(images[batch].to(device)),  # [B, E]
+                                      model.encode_text(batch_ids.to(device)), model.logit_scale)  # [B, E]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -295,8 +354,7 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
             loss_sum += loss.detach()
         log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  InfoNCE {loss_sum.item() / steps_per_epoch:.4f}  "
             f"temperature {1 / model.logit_scale.exp().item():.4f}  {time.time() - started:.0f} s")
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)  # a CLIP cut short by an interruption is never taken for a cached one
+    evaluate.save_atomically(model.state_dict(), path)  # a CLIP cut short is never taken for a cached one
     log(f"  saved the tiny CLIP to {path}, an OpenAI-layout state dict that clip_min.load reads back")
     return path
 
@@ -326,12 +384,10 @@ def once_per_machine(make):
 
 def clip_file(args: argparse.Namespace, device: torch.device, log) -> str:
     """--clip, or its default, with its file in place: a release downloaded, or for the demo its
-    tiny CLIP pretrained (and the demo sets drawn)."""
+    tiny CLIP pretrained."""
     clip = args.clip or (demo_clip(args.root, args.seed, device, log) if args.data == "demo" else "ViT-B/16")
     if clip in clip_min.RELEASES:
         clip_min.download(clip)  # checks the SHA-256 of a cached file too
-    if args.data in data.DEMO_SIZES:
-        data.make_demo(args.data, args.root)  # drawn on first use
     return clip
 
 
@@ -342,7 +398,8 @@ class TrainingError(Exception):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with contextlib.ExitStack() as open_files:  # closed on every path: the end, --stop-after, an error
+            run(args, open_files)
     except (data.DataError, clip_min.CLIPError, evaluate.CheckpointError, TrainingError) as error:
         message = str(error).strip()
         if "Original Traceback" in message:  # raised in a loader worker: the last line is the error
@@ -363,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
     # --- setup: processes, device, precision ------------------------------------------------------
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     is_main = rank == 0
@@ -374,18 +431,9 @@ def run(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     amp_dtype = evaluate.autocast_dtype(args.precision, device)
 
-    # --- the frozen CLIP (for the demo, its own tiny one), made once per machine ------------------
-    args.clip = once_per_machine(lambda: clip_file(args, device, log))
-    clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
-    patch = clip_model.config.patch_size
-    if any((size - patch) % args.stride for size in args.image_size):
-        build_parser().error(f"argument --image-size: with patch {patch} and stride {args.stride}, "
-                             f"{args.image_size[0]}x{args.image_size[1]} leaves pixels that no patch sees; "
-                             f"use sizes of the form {patch} + {args.stride}*k")
-    # What a checkpoint needs to get this CLIP back; the SHA-256 of a CLIP file is taken once, here.
-    backbone = evaluate.describe_backbone(args.method, args.clip, clip_model)
-
-    # --- data: every entry and image is checked before anything trains ----------------------------
+    # --- data: every entry and image is checked before the CLIP is downloaded or pretrained -------
+    if args.data in data.DEMO_SIZES:  # a demo set is drawn on first use, by one process per machine
+        once_per_machine(lambda: data.make_demo(args.data, args.root))
     dataset = data.load_dataset(args.data, args.root)
     for split_name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if split is not None and split.num_truncated:
@@ -403,13 +451,16 @@ def run(args: argparse.Namespace) -> None:
     val_loaders = dataset.val and data.eval_loaders(dataset.val, args.image_size, 256, args.workers, pin)
     test_loaders = data.eval_loaders(dataset.test, args.image_size, 256, args.workers, pin)
 
+    # --- the frozen CLIP (for the demo, its own tiny one), made once per machine ------------------
+    args.clip = once_per_machine(lambda: clip_file(args, device, log))
+    clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
+    # What a checkpoint needs to get this CLIP back; the SHA-256 of a CLIP file is taken once, here.
+    backbone = evaluate.describe_backbone(args.method, args.clip, clip_model)
+
     # --- model ----------------------------------------------------------------------------------
     torch.manual_seed(args.seed + rank)  # also seeds every CUDA device
     method_args = {name: getattr(args, name) for name in METHOD_DEFAULTS.get(args.method, {})}
-    try:
-        model = evaluate.build_method(args.method, clip_model, method_args)
-    except ValueError as error:  # CSKT's --depth beyond the layers this CLIP has
-        build_parser().error(f"argument --depth: {error}")
+    model = evaluate.build_method(args.method, clip_model, method_args)
     step_model = model
     if world_size > 1:
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -443,7 +494,7 @@ def run(args: argparse.Namespace) -> None:
         optimizer, lambda epoch: lr_factor(epoch, args.epochs, args.warmup_epochs, args.warmup_factor))
     # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    journal = open(os.path.join(args.out, "log.jsonl"), "a") if is_main else None
+    journal = open_files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a")) if is_main else None
 
     def record(entry: dict):  # one JSON line per event, flushed at once
         if journal:
@@ -558,12 +609,13 @@ def run(args: argparse.Namespace) -> None:
         log(f"test (epoch {best_checkpoint['epoch'] + 1}): " + evaluate.format_metrics(results))
         record({"epoch": best_checkpoint["epoch"] + 1, "split": "test", **results})
         with open(os.path.join(args.out, "test_metrics.json"), "w") as file:
-            json.dump({"epoch": best_checkpoint["epoch"] + 1, **results}, file, indent=2)
+            # What the number was selected on (val R1 at epoch N, or the last epoch without a val split).
+            json.dump({"epoch": best_checkpoint["epoch"] + 1, **evaluate.selection_record(best_checkpoint), **results},
+                      file, indent=2)
         if args.data == "demo":
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
-    journal and journal.close()
 
 
 if __name__ == "__main__":

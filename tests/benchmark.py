@@ -5,6 +5,7 @@
     python tests/benchmark.py eval                       # a CUHK-PEDES-sized test split, end to end
     python tests/benchmark.py metrics                    # retrieval_metrics, ICFG-PEDES-sized
     python tests/benchmark.py metrics --irra             # the same, plus IRRA's ranking method (~7 GB)
+    python tests/benchmark.py metrics --direction both   # text-to-image and image-to-text
     python tests/benchmark.py moe                        # DM-Adapter's dispatch against the per-expert loop
     python tests/benchmark.py train --tiny               # a seconds-long smoke run (what CI runs)
 
@@ -80,33 +81,39 @@ def resident_mb():
     return int(line.split()[1]) / 1024
 
 
-def measure_metrics(method, args):
-    """Runs in a fresh process: build the problem, then time one call of `method`."""
-    problem = build_retrieval_problem(args.queries, args.gallery, args.identities, args.dim, args.seed)
+def measure_metrics(method, direction, args):
+    """Runs in a fresh process: build the problem, then time one call of `method` in `direction`
+    (t2i: the captions rank the images; i2t: the images rank the captions)."""
+    similarity, caption_pids, image_pids = build_retrieval_problem(args.queries, args.gallery, args.identities,
+                                                                   args.dim, args.seed)
     before_mb = resident_mb()
     start = time.perf_counter()
-    if method == "irra":
-        result = irra_style_metrics(*problem)
+    if method == "irra":  # IRRA's i2t_metric: its ranking of the transposed matrix
+        result = irra_style_metrics(*((similarity, caption_pids, image_pids) if direction == "t2i"
+                                      else (similarity.T, image_pids, caption_pids)))
     else:
-        result = evaluate.retrieval_metrics(*problem, chunk_size=args.chunk_size)
+        result = evaluate.directional_metrics(similarity, caption_pids, image_pids, direction,
+                                              chunk_size=args.chunk_size)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024            # KB on Linux
     # The peak may predate the call (building the problem); then this over-reports, never under.
-    return {"method": method, "seconds": round(seconds, 2),
+    return {"method": method, "direction": direction, "seconds": round(seconds, 2),
             "peak_extra_mb": round(max(0.0, peak_mb - before_mb)), "threads": torch.get_num_threads(),
             **{key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}}
 
 
 def run_metrics(args):
     methods = ["chunked"] + (["irra"] if args.irra else [])
+    directions = ["t2i", "i2t"] if args.direction == "both" else [args.direction]
     results = []
-    for method in methods:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results.append(pool.submit(measure_metrics, method, args).result())
+    for direction in directions:
+        for method in methods:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results.append(pool.submit(measure_metrics, method, direction, args).result())
     matrix_mb = args.queries * args.gallery * 4 / 2**20
     print(f"problem: {args.queries} queries x {args.gallery} gallery, {args.identities} identities, "
           f"similarity matrix {matrix_mb:.0f} MB, chunk size {args.chunk_size}")
-    columns = ["method", "seconds", "peak_extra_mb", "R1", "R5", "R10", "mAP", "mINP", "num_skipped"]
+    columns = ["method", "direction", "seconds", "peak_extra_mb", "R1", "R5", "R10", "mAP", "mINP", "num_skipped"]
     print("  ".join(f"{column:>13}" for column in columns))
     for result in results:
         print("  ".join(f"{result[column]:>13}" for column in columns))
@@ -372,6 +379,8 @@ def main():
     metrics.add_argument("--dim", type=int, default=512)
     metrics.add_argument("--chunk-size", type=int, default=1024, help="queries per chunk")
     metrics.add_argument("--seed", type=int, default=0)
+    metrics.add_argument("--direction", choices=["t2i", "i2t", "both"], default="t2i",
+                         help="t2i: the queries (captions) rank the gallery (images); i2t: the reverse")
     metrics.add_argument("--irra", action="store_true",
                          help="also time IRRA's method (full argsort + Python loop; ~25 s, ~7 GB)")
     metrics.set_defaults(run=run_metrics)

@@ -373,8 +373,38 @@ def test_unsafe_or_foreign_files_raise_clip_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# SDM loss, checked by hand
+# The losses, checked by hand
 # ------------------------------------------------------------------------------------------------
+
+def test_clip_loss_by_hand():
+    # Two pairs, scale s = exp(log 2) = 2. Caption 1 is given unnormalised ([3, 4] is [0.6, 0.8]
+    # times 5), so cos = [[1, 0.6], [0, 0.8]] (images x captions), logits = 2 cos. With two
+    # candidates, the cross-entropy of the right one at logit a against the other at b is
+    # log(1 + e^(b - a)). Image rows: 2 - 1.2 = 0.8 and 1.6 - 0 = 1.6 apart; caption rows
+    # (the columns): 2 - 0 = 2 and 1.6 - 1.2 = 0.4 apart.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    captions = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    ce = lambda gap: math.log(1 + math.exp(-gap))
+    by_hand = ((ce(0.8) + ce(1.6)) / 2 + (ce(2.0) + ce(0.4)) / 2) / 2  # = 0.2926...
+    loss = clip_min.clip_loss(images, captions, torch.tensor(math.log(2)))
+    assert math.isclose(loss.item(), by_hand, rel_tol=1e-6)
+    # The captions swapped: each image's own caption is now the farther one.
+    swapped = clip_min.clip_loss(images, captions.flip(0), torch.tensor(math.log(2)))
+    assert math.isclose(swapped.item(), ((ce(-0.8) + ce(-1.6)) / 2 + (ce(-2.0) + ce(-0.4)) / 2) / 2, rel_tol=1e-6)
+
+
+def test_clip_loss_trains_the_temperature_and_runs_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    images, texts = torch.randn(6, 16), torch.randn(6, 16)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    exact = clip_min.clip_loss(images, texts, logit_scale)
+    exact.backward()
+    assert logit_scale.grad is not None and logit_scale.grad != 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = clip_min.clip_loss(images, texts, logit_scale)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=1e-6, atol=1e-6)
+
 
 def test_sdm_loss_by_hand():
     # Two identities; image i and caption i share a feature; cos(v_1, t_2) = 0.98, so every row

@@ -15,7 +15,7 @@ import torch
 
 import clip_min
 import cskt
-from conftest import randomize_
+from conftest import randomize_, trained_parameters
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=3, text_width=64, text_layers=3)
@@ -37,7 +37,7 @@ def batch(size: int = 4):
 def test_training_step_changes_only_cskt_parameters():
     model = tiny_cskt()
     backbone = {k: v.clone() for k, v in model.clip.state_dict().items()}
-    trainable = dict(model.named_trainable_parameters())
+    trainable = trained_parameters(model)
     optimizer = torch.optim.Adam(trainable.values(), lr=1e-2)
     model.train()
     assert not model.clip.training and model.training
@@ -70,7 +70,7 @@ def slow_layout(ids: torch.Tensor, num_prompts: int) -> torch.Tensor:
 def test_caption_layout_matches_a_per_caption_loop():
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(0, 76, (200,), generator=generator).tolist() + [0, 66, 67, 68, 75]
-    ids = torch.zeros(len(lengths), 77, dtype=torch.long)
+    ids = torch.zeros(len(lengths), clip_min.CONTEXT_LENGTH, dtype=torch.long)
     for row, length in enumerate(lengths):  # random words, as tokenize(truncate=True) lays them out
         words = torch.randint(1, 49405, (length,), generator=generator)
         ids[row, : length + 2] = torch.cat([torch.tensor([clip_min.SOT_TOKEN]), words, torch.tensor([clip_min.EOT_TOKEN])])
@@ -126,7 +126,7 @@ def test_parameter_count_at_vit_b_16():
     with torch.device("meta"):  # shapes only: no memory, no time
         model = cskt.CSKT(clip_min.CLIP(clip_min.CLIPConfig(image_size=(384, 128))))
     count = lambda parameters: sum(p.numel() for p in parameters)
-    trainable = dict(model.named_trainable_parameters())
+    trainable = trained_parameters(model)
     assert count(trainable.values()) == 12_117_888
     prompts = [p for name, p in trainable.items() if "adapters" not in name]
     assert count(prompts) == 9_513_984  # the prompt learner: T_l, V_l and the projections
@@ -160,7 +160,7 @@ def random_cskt(depth: int, seed: int = 0) -> cskt.CSKT:
     model = cskt.CSKT(randomize_(clip_min.CLIP(UNEVEN), seed), depth=depth)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, parameter in model.named_trainable_parameters():
+        for name, parameter in trained_parameters(model).items():
             noise = torch.randn(parameter.shape, generator=generator)
             parameter.copy_(1 + 0.1 * noise if name.endswith("ln_3.weight") else 0.1 * noise)
     return model.eval()
@@ -245,15 +245,15 @@ def test_each_tower_s_prompts_reach_the_other_tower_at_every_prompted_layer():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_training_step_under_autocast(precision):
     model = tiny_cskt().train()
-    check_autocast_training_step(model, model.named_trainable_parameters(), batch(), precision)
+    check_autocast_training_step(model, trained_parameters(model), batch(), precision)
 
 
-def check_autocast_training_step(model, named_trainable, inputs, precision: str, must_move=lambda name: True):
+def check_autocast_training_step(model, trainable, inputs, precision: str, must_move=lambda name: True):
     """One optimizer step under CPU autocast: finite losses, fp32 master weights and gradients,
     every trained tensor with a gradient moves (and each one `must_move` names), CLIP does not. fp16 goes through a grad scaler; it starts at 256,
     not at its default 65536, which a tiny random CLIP's large gradients would overflow for the
     first eight steps (each skipped, the scale halved, as on a GPU)."""
-    trainable = dict(named_trainable)
+    trainable = dict(trainable)
     frozen = {k: v.clone() for k, v in model.clip.state_dict().items()}
     before = {k: v.detach().clone() for k, v in trainable.items()}
     optimizer = torch.optim.Adam(trainable.values(), lr=1e-3)
@@ -297,12 +297,12 @@ torch.manual_seed(0)
 config = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8,
                              vision_width=64, vision_layers=2, text_width=64, text_layers=2)
 model = {build}.train()
-ids = torch.zeros(2, 77, dtype=torch.long)  # [SOT, words..., EOT, 0...], made by hand
+ids = torch.zeros(2, clip_min.CONTEXT_LENGTH, dtype=torch.long)  # [SOT, words..., EOT, 0...], made by hand
 ids[:, 0] = clip_min.SOT_TOKEN
 ids[0, 1:4] = torch.tensor([320, 2533, 530])
 ids[0, 4] = ids[1, 2] = clip_min.EOT_TOKEN
 ids[1, 1] = 1125
-trainable = [p for _, p in model.named_trainable_parameters()]
+trainable = [p for p in model.parameters() if p.requires_grad]
 before = [p.detach().clone() for p in trainable]
 out = model(torch.randn(2, 3, 32, 16), ids, torch.tensor([0, 1]))
 out["loss"].backward()

@@ -288,7 +288,7 @@ def test_captions_are_tokenized_once_and_cuts_counted(cuhk, monkeypatch):
 
     assert (dataset.train.num_truncated, dataset.val.num_truncated, dataset.test.num_truncated) == (1, 0, 1)
     for split in (dataset.train, dataset.val, dataset.test):
-        assert split.ids.shape == (len(split.captions), 77) and split.ids.dtype == torch.long
+        assert split.ids.shape == (len(split.captions), clip_min.CONTEXT_LENGTH) and split.ids.dtype == torch.long
         assert torch.equal(split.ids, clip_min.tokenize(split.captions, truncate=True))
     assert dataset.train.ids[1, 76] == EOT and dataset.train.ids[2, 76] == EOT  # full, and cut: EOT last
     assert train_set[1]["ids"].tolist() == dataset.train.ids[1].tolist()
@@ -304,6 +304,17 @@ def test_captions_are_tokenized_once_and_cuts_counted(cuhk, monkeypatch):
 def run_check(root):
     return subprocess.run([sys.executable, "data.py", "--check", "CUHK-PEDES", "--root", str(root)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "error: nothing to do: give --check NAME or --make-demo (see --help)"),
+    (["--check", "CUHK"], "error: argument --check: invalid choice: 'CUHK'"),
+])
+def test_data_py_flag_errors_are_one_line_like_the_other_scripts(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_check_reports_every_problem(cuhk, capsys):
@@ -350,7 +361,7 @@ def test_samples_and_loaders(cuhk, monkeypatch):
     transform = data.build_transform((32, 16), train=True)
     samples = data.CaptionImageDataset(dataset.train, transform, mask_captions=True)
     item = samples[6]
-    assert item["images"].shape == (3, 32, 16) and item["ids"].shape == (77,)
+    assert item["images"].shape == (3, 32, 16) and item["ids"].shape == (clip_min.CONTEXT_LENGTH,)
     assert item["pids"].item() == 2 and item["image_index"].item() == 3
     masked = torch.stack([samples[6]["ids"] for _ in range(20)])  # [20, 77]
     assert (masked == data.MASK_TOKEN).any(dim=1).float().mean() > 0.5
@@ -362,11 +373,11 @@ def test_samples_and_loaders(cuhk, monkeypatch):
     assert len(pid_order()) == 2  # 7 samples: the incomplete batch is dropped
     assert pid_order() == pid_order()  # the seed fixes the order
     batch = next(iter(data.train_loader(dataset.train, (32, 16), batch_size=3, workers=0)))
-    assert batch["images"].shape == (3, 3, 32, 16) and batch["ids"].shape == (3, 77)
+    assert batch["images"].shape == (3, 3, 32, 16) and batch["ids"].shape == (3, clip_min.CONTEXT_LENGTH)
 
     images, captions = data.eval_loaders(dataset.test, (32, 16), batch_size=3)
     assert [b.shape for b in images] == [(2, 3, 32, 16)]
-    assert [b.shape for b in captions] == [(3, 77), (1, 77)]
+    assert [b.shape for b in captions] == [(3, clip_min.CONTEXT_LENGTH), (1, clip_min.CONTEXT_LENGTH)]
     assert not (torch.cat(list(captions)) == data.MASK_TOKEN).any()  # queries are never masked
 
     # Page-locked memory only when asked (for a CUDA device), also where CUDA exists and --device cpu
@@ -384,8 +395,8 @@ def test_samples_and_loaders(cuhk, monkeypatch):
 def random_captions(n, low, high, generator):
     """Token ids [n, 77]: SOT, between low and high - 1 ordinary tokens, EOT, zero padding."""
     lengths = torch.randint(low, high, (n,), generator=generator)
-    ids = torch.zeros(n, 77, dtype=torch.long)
-    positions = torch.arange(77)
+    ids = torch.zeros(n, clip_min.CONTEXT_LENGTH, dtype=torch.long)
+    positions = torch.arange(clip_min.CONTEXT_LENGTH)
     words = (positions >= 1) & (positions[None] <= lengths[:, None])  # [n, 77]
     ids[words] = torch.randint(1, data.MASK_TOKEN, (int(words.sum()),), generator=generator)
     ids[:, 0] = SOT
@@ -464,7 +475,7 @@ def numbered_pairs(tmp_path, n=64):
     """A TrainSplit of n pairs that all show one small image; sample k has identity k."""
     Image.new("RGB", (4, 8)).save(tmp_path / "one.png")
     return data.TrainSplit([str(tmp_path / "one.png")], torch.zeros(n, dtype=torch.long), torch.arange(n),
-                           ["a person."] * n, torch.zeros(n, 77, dtype=torch.long), 0, n)
+                           ["a person."] * n, torch.zeros(n, clip_min.CONTEXT_LENGTH, dtype=torch.long), 0, n)
 
 
 def test_the_training_order_is_shuffled_by_the_seed(tmp_path):

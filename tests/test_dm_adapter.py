@@ -12,7 +12,7 @@ import torch
 
 import clip_min
 import dm_adapter
-from conftest import randomize_
+from conftest import randomize_, trained_parameters
 from test_cskt import check_autocast_training_step, train_in_copied_folder
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
@@ -124,7 +124,7 @@ def test_training_step_changes_only_adapters():
     model = tiny_model().train()
     assert model.training and not model.clip.training  # the frozen backbone stays in evaluation mode
     backbone = {k: v.clone() for k, v in model.clip.state_dict().items()}
-    trainable = dict(model.named_trainable_parameters())
+    trainable = trained_parameters(model)
     out = model(*batch())
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["aux"])
     torch.testing.assert_close(out["loss"], out["sdm"] + 0.5 * out["aux"])
@@ -142,7 +142,7 @@ def test_parameter_count_at_vit_b_16():
     count = lambda module: sum(p.numel() for p in module.parameters())
     assert count(model.vision_adapters[0]) == 901_441
     assert count(model.text_adapters[0]) == 404_353
-    assert sum(p.numel() for _, p in model.named_trainable_parameters()) == 15_669_528
+    assert sum(p.numel() for p in trained_parameters(model).values()) == 15_669_528
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 15_669_528
 
 
@@ -194,7 +194,7 @@ def random_model(seed: int = 0) -> dm_adapter.DMAdapter:
     model = dm_adapter.DMAdapter(randomize_(clip_min.CLIP(UNEVEN), seed))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, parameter in model.named_trainable_parameters():
+        for name, parameter in trained_parameters(model).items():
             noise = torch.randn(parameter.shape, generator=generator)
             if name.endswith("ln_3.weight"):
                 parameter.copy_(1 + 0.1 * noise)
@@ -289,7 +289,7 @@ def test_training_step_under_autocast(precision):
             for expert in mixture.experts:
                 expert.up.weight.normal_(std=0.02)
     # An expert that no token chose gets no gradient and rightly stays; routers and ln_3 always move.
-    check_autocast_training_step(model, model.named_trainable_parameters(), batch(), precision,
+    check_autocast_training_step(model, trained_parameters(model), batch(), precision,
                                  must_move=lambda name: "experts" not in name)
 
 

@@ -2,6 +2,7 @@
 hand-computed cases, feature extraction, and the retrieval picture."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import clip_min
 import evaluate
 
 # -----------------------------------------------------------------------------
@@ -16,12 +18,15 @@ import evaluate
 
 
 def brute_force_metrics(similarity, query_pids, gallery_pids):
-    """The metric definitions followed literally: sort each row, walk down the ranks."""
+    """The metric definitions followed literally: sort each row, walk down the ranks. Ties are
+    ranked by the stated rule: among equal scores the irrelevant items come first."""
     found_within = {1: [], 5: [], 10: []}
     average_precisions, inverse_negative_penalties = [], []
     for query in range(similarity.shape[0]):
-        ranked_gallery = torch.argsort(similarity[query], descending=True).tolist()
-        matches = [gallery_pids[g].item() == query_pids[query].item() for g in ranked_gallery]
+        scores = similarity[query].tolist()
+        is_relevant = [gallery_pids[g].item() == query_pids[query].item() for g in range(len(scores))]
+        ranked_gallery = sorted(range(len(scores)), key=lambda g: (-scores[g], is_relevant[g]))
+        matches = [is_relevant[g] for g in ranked_gallery]
         if not any(matches):
             continue
         for k in found_within:
@@ -79,6 +84,46 @@ def test_image_to_text_is_the_transpose():
     # A transposed view has strided rows: the metric must read them correctly.
     assert_metrics_equal(evaluate.retrieval_metrics(similarity.T, image_pids, caption_pids, chunk_size=4),
                          expected)
+
+
+def tied_problem(num_captions, num_images, num_identities, seed):
+    """Scores from 4 values (many ties in every row) and identities drawn separately for captions
+    and images, so that some captions have no image of their identity and some images no caption."""
+    generator = torch.Generator().manual_seed(seed)
+    similarity = torch.randint(4, (num_captions, num_images), generator=generator).float() / 4
+    caption_pids = torch.randint(num_identities, (num_captions,), generator=generator)
+    image_pids = torch.randint(num_identities, (num_images,), generator=generator)
+    return similarity, caption_pids, image_pids
+
+
+@pytest.mark.parametrize("num_captions, num_images, num_identities, chunk_size", [
+    (9, 6, 4, 2),
+    (60, 25, 12, 4),
+    (40, 90, 30, 16),
+    (120, 50, 8, 7),
+])
+def test_both_directions_match_brute_force_with_ties_and_unmatched_queries(num_captions, num_images,
+                                                                          num_identities, chunk_size):
+    similarity, caption_pids, image_pids = tied_problem(num_captions, num_images, num_identities, seed=num_captions)
+    expected = {"t2i": brute_force_metrics(similarity, caption_pids, image_pids),
+                "i2t": brute_force_metrics(similarity.T, image_pids, caption_pids)}
+    for direction, metrics in expected.items():
+        assert_metrics_equal(evaluate.directional_metrics(similarity, caption_pids, image_pids, direction,
+                                                          chunk_size=chunk_size), metrics)
+    # i2t ranks every caption for each image: the image's own identity's captions are relevant.
+    assert expected["i2t"]["num_queries"] + expected["i2t"]["num_skipped"] == num_images
+
+
+def test_i2t_excludes_and_counts_images_whose_identity_has_no_caption():
+    # Image 1 (identity 7) has no caption; image 0 (identity 1) finds its caption at rank 1, after
+    # the caption of identity 2 it ties with: R1 = 0, AP = INP = 1/2.
+    similarity = torch.tensor([[0.5, 0.9],     # caption of identity 1
+                               [0.5, 0.1]])    # caption of identity 2
+    metrics = evaluate.directional_metrics(similarity, torch.tensor([1, 2]), torch.tensor([1, 7]), "i2t")
+    assert_metrics_equal(metrics, {"R1": 0.0, "R5": 100.0, "R10": 100.0, "mAP": 50.0, "mINP": 50.0,
+                                   "num_queries": 1, "num_skipped": 1})
+    with pytest.raises(ValueError, match="unknown direction"):
+        evaluate.directional_metrics(similarity, torch.tensor([1, 2]), torch.tensor([1, 7]), "t2t")
 
 
 def test_half_precision_scores_give_the_same_metrics():
@@ -170,6 +215,83 @@ def test_bad_inputs_raise():
 
 
 # -----------------------------------------------------------------------------
+# Several runs: mean and sample standard deviation, what each was selected on
+
+
+def run_metrics(r1, map_):
+    return {"R1": r1, "R5": r1 + 10, "R10": r1 + 20, "mAP": map_, "mINP": map_ / 2, "num_queries": 6, "num_skipped": 0}
+
+
+def test_mean_and_sample_std_of_runs():
+    # R1 60, 62, 67: mean 63, deviations -3, -1, 4, sample variance (9 + 1 + 16) / 2 = 13.
+    summary = evaluate.mean_and_std([run_metrics(60.0, 50.0), run_metrics(62.0, 50.0), run_metrics(67.0, 53.0)])
+    assert summary["num_runs"] == 3
+    assert summary["R1"] == pytest.approx((63.0, math.sqrt(13.0)))
+    assert summary["R10"] == pytest.approx((83.0, math.sqrt(13.0)))
+    assert summary["mAP"] == pytest.approx((51.0, math.sqrt(3.0)))   # (1 + 1 + 4) / 2
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        evaluate.mean_and_std([run_metrics(60.0, 50.0)])
+
+
+def test_a_table_shows_a_mean_and_std_row_beside_plain_rows():
+    table = evaluate.format_table({"a.pt": run_metrics(60.0, 50.0), "b.pt": run_metrics(62.0, 50.0),
+                                   "mean ± std of 2 runs": evaluate.mean_and_std([run_metrics(60.0, 50.0),
+                                                                                  run_metrics(62.0, 50.0)])})
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
+    assert rows[0] == ["", "R1", "R5", "R10", "mAP", "mINP"]
+    assert rows[2] == ["a.pt", "60.00", "70.00", "80.00", "50.00", "25.00"]
+    assert rows[4] == ["mean ± std of 2 runs", f"61.00 ± {math.sqrt(2):.2f}", f"71.00 ± {math.sqrt(2):.2f}",
+                       f"81.00 ± {math.sqrt(2):.2f}", "50.00 ± 0.00", "25.00 ± 0.00"]
+    assert len({len(line) for line in table.splitlines()}) == 1  # the columns line up
+
+
+def fake_checkpoint(epoch, best_epoch, best_r1, epochs=10, data="CUHK-PEDES", method="cskt", image_size=(384, 128)):
+    """The fields train.py writes that the table reads (0-based epochs, as saved)."""
+    return {"epoch": epoch, "best": {"epoch": best_epoch, "R1": best_r1}, "args": {"epochs": epochs},
+            "data": data, "method": method, "clip": {"image_size": list(image_size), "stride": 16}}
+
+
+def test_what_a_checkpoint_was_selected_on():
+    assert evaluate.selected_on(fake_checkpoint(6, 6, 48.2)) == "val R1 48.20 at epoch 7 of 10"
+    assert (evaluate.selected_on(fake_checkpoint(9, 9, float("nan"), data="ICFG-PEDES"))
+            == "the last epoch (epoch 10 of 10): ICFG-PEDES has no val split")
+    # last.pt: the last epoch saved, which need not be the best one.
+    assert (evaluate.selected_on(fake_checkpoint(9, 6, 48.2))
+            == "nothing: epoch 10 of 10, the last saved (val's best was R1 48.20 at epoch 7)")
+    assert (evaluate.selected_on(fake_checkpoint(0, -1, -1.0))
+            == "nothing: epoch 1 of 10, saved before any val evaluation")
+    assert evaluate.selected_on({"args": {}}) == "unknown: the checkpoint records no epoch"
+
+
+def test_a_dataset_check_is_carried_only_when_the_run_recorded_one():
+    assert evaluate.selection_record(fake_checkpoint(6, 6, 48.2)) == {"selected_on": "val R1 48.20 at epoch 7 of 10"}
+    verdict = "matches the published set"
+    record = evaluate.selection_record({**fake_checkpoint(6, 6, 48.2), "dataset_check": verdict})
+    assert record == {"selected_on": "val R1 48.20 at epoch 7 of 10", "dataset_check": verdict}
+
+
+def test_runs_of_another_method_dataset_or_image_size_are_refused_naming_the_odd_one():
+    same = {f"runs/{name}/best.pt": fake_checkpoint(6, 6, 48.2) for name in "abc"}
+    evaluate.check_runs_agree(same)
+    for field, odd, message in [
+            ("method", dict(method="dm_adapter"), "runs/b/best.pt: method dm_adapter, but runs/a/best.pt and 1 "
+                                                  "other have cskt"),
+            ("dataset", dict(data="RSTPReid"), "runs/b/best.pt: dataset RSTPReid, but runs/a/best.pt and 1 other "
+                                               "have CUHK-PEDES"),
+            ("image size", dict(image_size=(224, 224)), "runs/b/best.pt: image size 224x224 stride 16, but "
+                                                        "runs/a/best.pt and 1 other have 384x128 stride 16")]:
+        runs = {**same, "runs/b/best.pt": fake_checkpoint(6, 6, 48.2, **odd)}
+        with pytest.raises(evaluate.CheckpointError) as error:
+            evaluate.check_runs_agree(runs)
+        assert str(error.value).startswith(message), field
+        assert "\n" not in str(error.value)
+    # The odd one out is the one that differs from most, even when it comes first.
+    runs = {"x.pt": fake_checkpoint(6, 6, 48.2, method="finetune"), **same}
+    with pytest.raises(evaluate.CheckpointError, match=r"^x\.pt: method finetune, but runs/a/best\.pt and 2 others"):
+        evaluate.check_runs_agree(runs)
+
+
+# -----------------------------------------------------------------------------
 # Features
 
 
@@ -193,7 +315,7 @@ def test_extract_features_gives_normalised_features_of_the_model(capsys):
     torch.manual_seed(0)
     model = TinyModel()
     images = torch.randn(10, 3, 8, 4)
-    captions = torch.randint(100, (7, 77))
+    captions = torch.randint(100, (7, clip_min.CONTEXT_LENGTH))
     # DataLoaders over plain tensors yield plain tensor batches, the loader contract.
     image_loader = torch.utils.data.DataLoader(images, batch_size=3)
     caption_loader = torch.utils.data.DataLoader(captions, batch_size=4)
@@ -215,7 +337,7 @@ def test_extract_features_gives_normalised_features_of_the_model(capsys):
 
 def test_extract_features_reports_progress_when_asked(capsys):
     loader = torch.utils.data.DataLoader(torch.randn(8, 3, 8, 4), batch_size=2)
-    captions = torch.utils.data.DataLoader(torch.randint(100, (2, 77)), batch_size=2)
+    captions = torch.utils.data.DataLoader(torch.randint(100, (2, clip_min.CONTEXT_LENGTH)), batch_size=2)
     evaluate.extract_features(TinyModel(), loader, captions, "cpu", log_every=2)
     assert capsys.readouterr().err.count("batches of images") == 2
 
@@ -362,6 +484,24 @@ def test_trained_weights_fit_only_a_model_with_exactly_those_weights():
         evaluate.load_trained(AdaptedModel(), {"adapter.weight": trained["adapter.weight"]}, "best.pt")
     with pytest.raises(evaluate.CheckpointError, match=r"unexpected weights \['extra'\]"):
         evaluate.load_trained(AdaptedModel(), {**trained, "extra": torch.zeros(1)}, "best.pt")
+
+
+def test_an_interrupted_atomic_save_keeps_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "state.pt")
+    evaluate.save_atomically({"epoch": 1}, path)
+    real_save = torch.save
+
+    def interrupted(obj, file):  # half the file written, then Ctrl-C
+        file.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.save_atomically({"epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["state.pt"]
+    evaluate.save_atomically({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["state.pt"]
 
 
 def test_a_file_that_is_not_train_py_s_checkpoint_is_refused(tmp_path):

@@ -18,7 +18,8 @@ import clip_min
 import data
 import evaluate
 import train
-from test_train import TINY, arguments, journal, setup  # noqa: F401  (setup is a fixture)
+from conftest import TINY  # the CLIP of the `setup` fixture
+from test_train import arguments, journal
 
 
 def split_name(split):
@@ -80,7 +81,8 @@ def test_best_pt_is_the_first_best_val_epoch_and_the_test_split_is_scored_with_i
     model, _ = evaluate.load_checkpoint(str(out / "best.pt"))
     test = data.load_dataset("CUHK-PEDES", str(setup[0])).test
     expected = EVALUATE_LOADERS(model, data.eval_loaders(test, (32, 16)), test, "cpu")
-    assert reported == {"epoch": 2, **{k: pytest.approx(v, abs=1e-9) for k, v in expected.items()}}
+    assert reported == {"epoch": 2, "selected_on": "val R1 0.00 at epoch 2 of 3",
+                        **{k: pytest.approx(v, abs=1e-9) for k, v in expected.items()}}
 
 
 def test_a_resumed_run_keeps_its_schedule_and_best_epoch_and_stop_after_counts_from_the_resume(
@@ -141,3 +143,70 @@ def test_evaluate_py_scores_the_split_asked_for(setup, monkeypatch):
     assert evaluate.main(common) == 0
     assert evaluate.main([*common, "--split", "val"]) == 0
     assert loaded == ["test", "val"]  # the default is the test split
+
+
+def table_row(printed, title, name):
+    """The cells of row `name` in the table printed under the line starting with `title`."""
+    lines = printed[printed.index(title):].splitlines()
+    return next([cell.strip() for cell in line.split("|")[2:-1]] for line in lines if line.startswith(f"| {name} "))
+
+
+def test_evaluate_py_reports_several_runs_as_mean_and_std_in_both_directions(setup, tmp_path, capsys):
+    # Two seeds of one recipe, then the table a paper's reader would want: each run, their mean and
+    # sample std, both retrieval directions, and what each checkpoint was selected on.
+    paths = []
+    for seed in (1, 2):
+        assert train.main(arguments(setup, tmp_path / f"seed{seed}", "--epochs", "1", "--warmup-epochs", "0",
+                                    "--seed", str(seed))) == 0
+        paths.append(str(tmp_path / f"seed{seed}" / "best.pt"))
+    reported = [json.loads((tmp_path / f"seed{seed}" / "test_metrics.json").read_text()) for seed in (1, 2)]
+    val_r1 = [e["R1"] for seed in (1, 2) for e in journal(tmp_path / f"seed{seed}") if e.get("split") == "val"]
+    assert [r["selected_on"] for r in reported] == [f"val R1 {r1:.2f} at epoch 1 of 1" for r1 in val_r1]
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", *paths, "--root", str(setup[0]), "--workers", "0", "--direction", "both"]) == 0
+    printed = capsys.readouterr().out
+
+    test = data.load_dataset("CUHK-PEDES", str(setup[0])).test
+    i2t = []
+    for path in paths:
+        model, _ = evaluate.load_checkpoint(path)
+        image_features, caption_features = evaluate.extract_features(model, *data.eval_loaders(test, (32, 16)), "cpu")
+        similarity = evaluate.similarity_from_features(caption_features, image_features)
+        i2t.append(evaluate.directional_metrics(similarity, test.caption_pids, test.image_pids, "i2t"))
+    for direction, runs in [("t2i", reported), ("i2t", i2t)]:
+        title = f"{evaluate.DIRECTIONS[direction]} ({direction})"
+        for path, metrics in zip(paths, runs):  # each run's row: train.py's own numbers for t2i
+            assert table_row(printed, title, path) == [f"{metrics[m]:.2f}" for m in evaluate.METRIC_NAMES]
+        summary = evaluate.mean_and_std(runs)
+        assert table_row(printed, title, "mean ± std of 2 runs") == [
+            f"{summary[m][0]:.2f} ± {summary[m][1]:.2f}" for m in evaluate.METRIC_NAMES]
+    assert "text-to-image (t2i): 12 captions rank the images" in printed
+    assert "image-to-text (i2t): 6 images rank the captions" in printed
+    assert "sample standard deviation (n - 1) over the n = 2 runs" in printed
+    for path, r in zip(paths, reported):
+        assert f"{path}: cskt trained on CUHK-PEDES, selected on {r['selected_on']}\n" in printed
+
+    # A run that recorded whether its dataset matched the published set says so under the table.
+    checked = torch.load(paths[0], weights_only=True)
+    checked["dataset_check"] = "matches the published set"
+    torch.save(checked, tmp_path / "checked.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "checked.pt"), "--root", str(setup[0]), "--workers", "0"]) == 0
+    assert (f"checked.pt: cskt trained on CUHK-PEDES, selected on {reported[0]['selected_on']}; "
+            "dataset check: matches the published set\n") in capsys.readouterr().out
+
+    # A run of another dataset among them is refused, naming it, before any model is built.
+    odd = torch.load(paths[1], weights_only=True)
+    odd["data"] = "RSTPReid"
+    torch.save(odd, tmp_path / "odd.pt")
+    assert evaluate.main(["--checkpoint", *paths, str(tmp_path / "odd.pt"), "--root", str(setup[0])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'odd.pt'}: dataset RSTPReid, but {paths[0]} and 1 other have CUHK-PEDES")
+    assert len(err.strip().splitlines()) == 1
+    # A run given twice would count twice in the mean.
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", *paths, paths[0]])
+    assert f"argument --checkpoint: {paths[0]} is given twice" in capsys.readouterr().err
+    # Pictures are of one model.
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", *paths, "--save-examples", "2"])
+    assert "--save-examples, --gallery and --routing work on one checkpoint" in capsys.readouterr().err

@@ -7,7 +7,9 @@ trained on `demo`."""
 
 import colorsys
 import dataclasses
+import json
 import os
+import pathlib
 import re
 import types
 
@@ -339,7 +341,8 @@ def test_transfer_table_between_the_demo_sets(runs, capsys):
         assert checkpoint["data"] == trained_on
         for evaluated_on in TINY_DEMO:
             split = data.load_dataset(evaluated_on, runs.root).test
-            metrics = evaluate.evaluate_split(model, split, checkpoint["clip"]["image_size"], "cpu")
+            loaders = data.eval_loaders(split, checkpoint["clip"]["image_size"], 256, 0)
+            metrics = evaluate.evaluate_loaders(model, loaders, split, "cpu")
             assert metrics["num_queries"] == len(split.captions)  # 6 on demo, 4 on demo-pretrain
             results[trained_on, evaluated_on] = metrics
     table = evaluate.format_transfer_table(results)
@@ -368,3 +371,13 @@ def test_transfer_table_marks_pairs_not_evaluated():
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
     assert rows[0][1:] == ["A", "B"] and rows[0][0].startswith("R1:")
     assert rows[2:] == [["A", "50.00", "12.50"], ["B", "-", "40.00"]]
+
+
+def test_test_metrics_say_what_the_checkpoint_was_selected_on(runs):
+    # demo has a val split (best val R1); demo-pretrain has none, so its last epoch is reported.
+    for name, path in runs.checkpoint.items():
+        reported = json.loads((pathlib.Path(path).parent / "test_metrics.json").read_text())
+        best = torch.load(path, weights_only=True)["best"]
+        expected = (f"val R1 {best['R1']:.2f} at epoch 1 of 1" if name == "demo"
+                    else "the last epoch (epoch 1 of 1): demo-pretrain has no val split")
+        assert reported["selected_on"] == expected

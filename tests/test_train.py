@@ -12,37 +12,13 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import clip_min
 import evaluate
 import train
+from conftest import TINY  # the CLIP of the `setup` fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
-                           vision_layers=2, text_width=64, text_layers=2)
-COLOURS = ["red", "blue", "green", "black", "white", "yellow", "grey", "pink", "brown", "purple"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(root with a tiny CUHK-PEDES, path of a tiny CLIP state dict)."""
-    root = tmp_path_factory.mktemp("data")
-    entries, generator = [], torch.Generator().manual_seed(0)
-    for pid, split in enumerate(["train"] * 8 + ["val"] * 3 + ["test"] * 3, start=1):
-        colour = COLOURS[pid % len(COLOURS)]
-        for k in range(2):
-            path = f"{split}/{pid:03d}_{k}.png"
-            (root / "CUHK-PEDES" / "imgs" / split).mkdir(parents=True, exist_ok=True)
-            pixels = torch.randint(0, 256, (24, 12, 3), generator=generator, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / "CUHK-PEDES" / "imgs" / path)
-            entries.append({"split": split, "id": pid, "file_path": path, "processed_tokens": [],
-                            "captions": [f"a person in {colour} clothes, picture {k}", f"someone wearing {colour}"]})
-    (root / "CUHK-PEDES" / "reid_raw.json").write_text(json.dumps(entries))
-    torch.manual_seed(0)
-    clip_path = root / "tiny-clip.pt"
-    torch.save(clip_min.CLIP(TINY).state_dict(), clip_path)
-    return root, str(clip_path)
 
 
 def arguments(setup, out, *extra):
@@ -307,11 +283,16 @@ def test_epochs_equal_to_warm_up_epochs_finish(setup, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "nan"
+    opened = []  # every file train.py opens itself (log.jsonl, args.json): closed on every way out
+    monkeypatch.setattr(train, "open", lambda *args: opened.append(open(*args)) or opened[-1], raising=False)
     assert train.main(arguments(setup, out, "--stop-after", "1")) == 0
+    assert any(f.name.endswith("log.jsonl") for f in opened) and all(f.closed for f in opened)
     good = trained_weights(out / "last.pt")
     monkeypatch.setattr(clip_min, "sdm_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    opened.clear()
     assert train.main(["--resume", str(out / "last.pt")]) == 1
     assert "error: the loss became NaN or infinite in epoch 2" in capsys.readouterr().err
+    assert any(f.name.endswith("log.jsonl") for f in opened) and all(f.closed for f in opened)
     kept = trained_weights(out / "last.pt")
     assert all(torch.equal(good[name], kept[name]) for name in good)
 
@@ -385,6 +366,70 @@ def test_an_image_size_that_leaves_pixels_unseen_is_refused(setup, tmp_path, cap
     torch.save(clip_min.CLIP(clip_min.CLIPConfig(**{**vars(TINY), "image_size": (32, 32)})).state_dict(), square_clip)
     argv = [*arguments(setup, tmp_path / "run", "--image-size", "37", "13"), "--clip", str(square_clip)]
     assert "argument --image-size: with patch 8 and stride 8, 37x13 leaves pixels" in flag_error(capsys, argv)
+
+
+def refuse_downloads(monkeypatch):
+    def download(name, *args, **kwargs):
+        raise AssertionError(f"{name} was downloaded")
+    monkeypatch.setattr(clip_min, "download", download)
+
+
+def test_flags_that_do_not_fit_the_clip_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # The patch size and the layer count come from DEMO_CLIP or the release name: nothing is drawn,
+    # pretrained or downloaded before the one-line flag error.
+    refuse_downloads(monkeypatch)
+    monkeypatch.setattr(train, "demo_clip", lambda *a: pytest.fail("the demo's CLIP was pretrained"))
+    new = tmp_path / "new"
+    assert "argument --image-size: with patch 8 and stride 8, 37x13 leaves pixels" in flag_error(
+        capsys, ["--root", str(new), "--image-size", "37", "13"])
+    assert "the demo's CLIP is made for --image-size 64 32 --stride 8" in flag_error(
+        capsys, ["--root", str(new), "--image-size", "72", "32"])
+    assert "argument --depth: depth must be between 1 and the number of layers (12), got 13" in flag_error(
+        capsys, ["--data", "CUHK-PEDES", "--root", str(new), "--depth", "13"])
+    assert "argument --image-size: with patch 32 and stride 16" in flag_error(
+        capsys, ["--data", "CUHK-PEDES", "--root", str(new), "--clip", "ViT-B/32", "--image-size", "384", "120"])
+    assert not new.exists()
+
+
+def test_a_missing_dataset_is_reported_before_the_clip_is_downloaded(tmp_path, capsys, monkeypatch):
+    refuse_downloads(monkeypatch)
+    assert train.main(["--data", "CUHK-PEDES", "--root", str(tmp_path), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/CUHK-PEDES: dataset folder not found"), err
+
+
+def test_the_demo_recipe_reaches_only_the_method_that_has_the_flag(tmp_path):
+    root = str(tmp_path / "data")
+    assert train.parse_args(["--root", root]).depth == train.DEMO_RECIPE["depth"] == 4
+    for method in ("dm_adapter", "finetune"):
+        args = train.parse_args(["--root", root, "--method", method])
+        assert args.depth is None and args.n_ctx is None, vars(args)  # args.json records no --depth
+        assert args.epochs == train.DEMO_RECIPE["epochs"]
+
+
+def test_help_shows_each_default_once_and_the_demo_recipe():
+    parser = train.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        shown = formatter._expand_help(action) if action.help else ""
+        assert shown.count("default") <= 1, shown
+    # The --data text lists the demo's recipe as flags; typed on the command line, they give the
+    # values a demo run uses.
+    data_help = " ".join(next(a.help for a in parser._actions if a.dest == "data").split())
+    listed = data_help.split("recipe, not the values shown below: ")[1].split(" (--depth")[0].split()
+    typed = parser.parse_args(listed)
+    assert {k: getattr(typed, k) for k in train.DEMO_RECIPE} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in train.DEMO_RECIPE.items()}
+    assert "(default: 60)" in text and "(default: 384 128)" in text
+
+
+def test_evaluate_py_help_shows_no_empty_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and "(default: None)" not in text and "(default: ViT-B/16)" in text
 
 
 def test_out_naming_a_file_or_a_read_only_folder_is_refused(setup, tmp_path, capsys, monkeypatch):
