@@ -7,13 +7,15 @@
     python tests/benchmark.py metrics --irra             # the same, plus IRRA's ranking method (~7 GB)
     python tests/benchmark.py moe                        # DM-Adapter's dispatch against the per-expert loop
     python tests/benchmark.py train --tiny               # a seconds-long smoke run (what CI runs)
+    python tests/benchmark.py memory --method cskt --batch-size 8   # one step's peak memory, with and
+                                                         # without activation checkpointing, and its time
 
 Each prints a table and one JSON line. Weights are random (in OpenAI's layout, built from shapes):
 speed does not depend on their values. On CUDA the training step runs under
 torch.cuda.set_sync_debug_mode("warn") and every host synchronisation inside it is counted.
 Memory: on CUDA the allocator's peak; on the CPU the peak resident size of the process. The
-metric measurements run in fresh processes so that their peak memory is their own (Linux only:
-they read /proc/self/status).
+metric and memory measurements run in fresh processes so that their peak memory is their own
+(Linux only: they read /proc/self/status).
 """
 
 import argparse
@@ -22,6 +24,7 @@ import json
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -172,6 +175,8 @@ def build_benchmark_model(args, device):
     if "depth" in method_args:
         method_args["depth"] = min(method_args["depth"], config.vision_layers, config.text_layers)
     model = evaluate.build_method(args.method, clip_model, method_args).to(device)
+    if getattr(args, "grad_checkpointing", False):  # eval has no such flag
+        model.set_grad_checkpointing()
     return config, model, method_args
 
 
@@ -203,17 +208,15 @@ def timed_steps(step, batches, steps, device):
     return (time.perf_counter() - started) / steps, syncs
 
 
-def run_train(args):
-    device = torch.device(args.device)
-    amp_dtype = evaluate.PRECISIONS[args.precision]
-    config, model, method_args = build_benchmark_model(args, device)
+def training_step(model, device, amp_dtype, compile_model=False):
+    """step(images, ids, pids): what train.py does per batch, and nothing else, with the authors' recipe."""
     optimizer = train.build_optimizer(model, lr=3e-4, bias_lr_factor=2.0, weight_decay=4e-5, betas=(0.9, 0.999),
-                                      eps=1e-3, device=device)  # the authors' recipe
+                                      eps=1e-3, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if compile_model else model
     model.train()
 
-    def step(images, ids, pids):  # what train.py does per batch, and nothing else
+    def step(images, ids, pids):
         images = images.to(device, non_blocking=True)
         ids, pids = ids.to(device, non_blocking=True), pids.to(device, non_blocking=True)
         with evaluate.autocast(device, amp_dtype):
@@ -222,19 +225,33 @@ def run_train(args):
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
+    return step
 
-    batch = args.batch_size
+
+def synthetic_batch(config, batch, device):
+    """(images, ids, pids): random images, one caption, two pairs per identity."""
     generator = torch.Generator().manual_seed(0)
     captions = clip_min.tokenize(["a woman in a red coat carrying a black bag and wearing white shoes"] * batch)
     synthetic = (torch.randn(batch, 3, *config.image_size, generator=generator), captions,
-                 torch.randint(0, batch // 2, (batch,), generator=generator))
+                 torch.randint(0, max(1, batch // 2), (batch,), generator=generator))
     if device.type == "cuda":
         synthetic = tuple(t.pin_memory() for t in synthetic)
+    return synthetic
+
+
+def run_train(args):
+    device = torch.device(args.device)
+    amp_dtype = evaluate.PRECISIONS[args.precision]
+    config, model, method_args = build_benchmark_model(args, device)
+    step = training_step(model, device, amp_dtype, args.compile)
+    batch = args.batch_size
+    synthetic = synthetic_batch(config, batch, device)
     seconds, syncs = timed_steps(step, iter(lambda: synthetic, None), args.steps, device)
     forward_flops, training_flops = flops_per_pair(config, args.method, method_args)
     achieved = training_flops * batch / seconds / 1e12
     row = {"pipeline": "synthetic", "method": args.method, "batch": batch, "image_size": list(config.image_size),
            "device": str(device), "precision": args.precision, "compile": args.compile,
+           "grad_checkpointing": args.grad_checkpointing,
            "step_s": round(seconds, 4), "pairs_per_s": round(batch / seconds, 1),
            "peak_memory_mb": round(memory_mb(device)), "host_syncs_in_step": syncs if device.type == "cuda" else None,
            "gflops_per_pair": round(training_flops / 1e9, 2), "tflops": round(achieved, 3),
@@ -268,6 +285,100 @@ def print_table(rows, columns):
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+# -----------------------------------------------------------------------------
+# memory: one training step's peak memory beyond the built model, with and without activation
+# checkpointing, and what checkpointing costs in step time
+
+
+def reset_peak_memory(device):
+    """The memory in use now, in MB, and the peak reset to it (on the CPU: the resident size, its
+    high-water mark reset by writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return resident_mb()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def measure_step_memory(args, batch, checkpointing):
+    """Runs in a fresh process: build the model, optimizer and batch, then the first step's peak
+    memory beyond all that (activations, gradients, Adam's state), then `steps` more steps timed."""
+    device = torch.device(args.device)
+    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": checkpointing})
+    config, model, _ = build_benchmark_model(args, device)
+    step = training_step(model, device, evaluate.PRECISIONS[args.precision])
+    synthetic = synthetic_batch(config, batch, device)
+    model_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2 ** 20
+    before_mb = reset_peak_memory(device)
+    step(*synthetic)
+    step_mb = peak_memory_mb(device) - before_mb
+    seconds = []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        step(*synthetic)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return {"batch": batch, "grad_checkpointing": checkpointing, "step_mb": step_mb, "model_mb": model_mb,
+            "step_s": statistics.median(seconds) if seconds else None}
+
+
+def run_memory(args):
+    """Each measurement in its own process; with and without checkpointing alternate (off, on, then
+    on, off, ...) so that a change in the machine's load falls on both; medians over --repeats."""
+    results = []
+    for repeat in range(args.repeats):
+        for batch in args.batch_size:
+            for checkpointing in (False, True) if repeat % 2 == 0 else (True, False):
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    results.append(pool.submit(measure_step_memory, args, batch, checkpointing).result())
+    rows = []
+    for batch in args.batch_size:
+        for checkpointing in (False, True):
+            runs = [r for r in results if r["batch"] == batch and r["grad_checkpointing"] == checkpointing]
+            times = [r["step_s"] for r in runs if r["step_s"] is not None]
+            rows.append({"method": args.method, "precision": args.precision, "batch": batch,
+                         "grad_checkpointing": checkpointing,
+                         "step_mb": round(statistics.median(r["step_mb"] for r in runs)),
+                         "step_s": round(statistics.median(times), 3) if times else None,
+                         "runs": len(runs), "model_mb": round(runs[0]["model_mb"])})
+    for row in rows:  # each row against the same batch without checkpointing
+        without = next(r for r in rows if r["batch"] == row["batch"] and not r["grad_checkpointing"])
+        row["memory_ratio"] = round(row["step_mb"] / without["step_mb"], 3)
+        row["time_ratio"] = round(row["step_s"] / without["step_s"], 3) if row["step_s"] and without["step_s"] else None
+    extrapolated = {}
+    if len(args.batch_size) > 1:  # per pair: the slope between the smallest and the largest batch
+        low, high = min(args.batch_size), max(args.batch_size)
+        for checkpointing in (False, True):
+            at = {r["batch"]: r["step_mb"] for r in rows if r["grad_checkpointing"] == checkpointing}
+            slope = (at[high] - at[low]) / (high - low)
+            extrapolated["on" if checkpointing else "off"] = {
+                "mb_per_pair": round(slope, 2), f"step_mb_at_{args.extrapolate_to}": round(at[low] + slope * (args.extrapolate_to - low))}
+    device = torch.device(args.device)
+    print(f"{args.method}, {'tiny CLIP' if args.tiny else 'ViT-B/16'} (random weights), "
+          f"{args.image_size[0]}x{args.image_size[1]}, {args.precision} on {device}; step_mb: the first step's "
+          f"peak {'allocated' if device.type == 'cuda' else 'resident'} memory beyond the built model, "
+          f"optimizer and batch; median of {args.repeats} fresh processes each")
+    print_table(rows, ["method", "precision", "batch", "grad_checkpointing", "step_mb", "memory_ratio",
+                       "step_s", "time_ratio", "model_mb"])
+    for name, line in extrapolated.items():
+        print(f"checkpointing {name}: {line['mb_per_pair']} MB per pair; batch {args.extrapolate_to}: "
+              f"{line[f'step_mb_at_{args.extrapolate_to}']} MB beyond the model")
+    print(json.dumps({"benchmark": "memory", "results": rows, "extrapolated": extrapolated}))
 
 
 # -----------------------------------------------------------------------------
@@ -371,6 +482,8 @@ def main():
     train_command.add_argument("--precision", default="bf16" if default_device == "cuda" else "fp32",
                                choices=["fp32", "bf16", "fp16"])
     train_command.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train_command.add_argument("--grad-checkpointing", action="store_true",
+                               help="activation checkpointing: recompute each block in the backward pass")
     train_command.add_argument("--data-pipeline", action="store_true",
                                help="also time the step fed by data.py's loader on the demo images")
     train_command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -382,6 +495,23 @@ def main():
     eval_command.add_argument("--captions", type=int, default=6156)
     eval_command.add_argument("--identities", type=int, default=1000)
     eval_command.add_argument("--batch-size", type=int, default=512)
+
+    memory = commands.add_parser("memory", help="one step's peak memory and time, with and without activation "
+                                                 "checkpointing, each in a fresh process")
+    memory.add_argument("--method", default="cskt", choices=["cskt", "dm_adapter", "finetune"])
+    memory.add_argument("--device", default=default_device)
+    memory.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
+    memory.add_argument("--stride", type=int, default=16)
+    memory.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/16 (smoke test)")
+    memory.add_argument("--batch-size", type=int, nargs="+", default=[8],
+                        help="pairs per step; with two or more, the per-pair slope between the smallest and the "
+                             "largest is extrapolated to --extrapolate-to")
+    memory.add_argument("--extrapolate-to", type=int, default=128, help="the batch the slope is extrapolated to")
+    memory.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast dtype (fp16 adds a grad scaler)")
+    memory.add_argument("--steps", type=int, default=2, help="steps timed after the measured first step")
+    memory.add_argument("--repeats", type=int, default=3, help="fresh processes per setting; medians are shown")
+    memory.set_defaults(run=run_memory)
 
     moe = commands.add_parser("moe", help="DM-Adapter's dispatch against the per-expert loop, forward + backward")
     moe.add_argument("--batch-size", type=int, default=8)

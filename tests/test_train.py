@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import clip_min
+import cskt
 import evaluate
 import train
 
@@ -166,6 +167,23 @@ def test_resume_after_epoch_1_equals_an_uninterrupted_run(setup, tmp_path, metho
     assert [e for e in lines if "resumed_at_epoch" in e] == [{"resumed_at_epoch": 2}]
     steps = [(e["epoch"], e["step"]) for e in lines if "step" in e]
     assert len(steps) == len(set(steps))
+
+
+def test_grad_checkpointing_trains_the_same_weights_and_may_change_on_resume(setup, tmp_path, monkeypatch):
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert train.main(arguments(setup, whole)) == 0
+    recomputed_blocks, real_checkpoint = [], cskt.checkpoint
+    monkeypatch.setattr(cskt, "checkpoint", lambda *a, **k: recomputed_blocks.append(1) or real_checkpoint(*a, **k))
+    halves_args = [str(halves) if a == str(whole) else a for a in arguments(setup, whole)]
+    assert train.main([*halves_args, "--stop-after", "1", "--grad-checkpointing"]) == 0
+    assert recomputed_blocks and json.loads((halves / "args.json").read_text())["grad_checkpointing"] is True
+    recomputed_blocks.clear()
+    assert train.main(["--resume", str(halves / "last.pt"), "--no-grad-checkpointing"]) == 0
+    assert not recomputed_blocks
+    uninterrupted, resumed = trained_weights(whole / "last.pt"), trained_weights(halves / "last.pt")
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
 
 
 def test_an_interrupted_epoch_is_redone_without_repeating_the_log(setup, tmp_path, monkeypatch, capsys):
@@ -412,10 +430,11 @@ def test_evaluate_py_zero_shot_clip(setup, capsys):
     assert "CUHK-PEDES val, 6 images:" in printed and f"| {clip_path} zero-shot |" in printed
 
 
-def test_two_process_torchrun_on_cpu(setup, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--grad-checkpointing"]])
+def test_two_process_torchrun_on_cpu(setup, tmp_path, extra):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-               os.path.join(REPO, "train.py"), *arguments(setup, out, "--epochs", "1", "--warmup-epochs", "0")]
+               os.path.join(REPO, "train.py"), *arguments(setup, out, "--epochs", "1", "--warmup-epochs", "0", *extra)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout and (out / "test_metrics.json").exists()
