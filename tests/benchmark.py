@@ -304,12 +304,29 @@ def reset_peak_memory(device):
     return resident_mb()
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+def peak_resident_mb():
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
+
+
+def peak_tensor_mb(run, device):
+    """The most tensor memory in use at once during run(), beyond what was in use before it, in MB:
+    on CUDA the allocator's peak; on the CPU every allocation and free of PyTorch's CPU allocator,
+    as the profiler records them, summed in time order (what the allocator's peak would be on a GPU)."""
+    if device.type == "cuda":
+        before = reset_peak_memory(device)
+        run()
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20 - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        run()
+    changes = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events()
+                     if event.name() == "[memory]")
+    in_use = peak = 0
+    for _, change in changes:
+        in_use += change
+        peak = max(peak, in_use)
+    return peak / 2 ** 20
 
 
 def measure_step_memory(args, batch, checkpointing):
@@ -321,9 +338,9 @@ def measure_step_memory(args, batch, checkpointing):
     step = training_step(model, device, evaluate.PRECISIONS[args.precision])
     synthetic = synthetic_batch(config, batch, device)
     model_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2 ** 20
-    before_mb = reset_peak_memory(device)
-    step(*synthetic)
-    step_mb = peak_memory_mb(device) - before_mb
+    resident_before = reset_peak_memory(device) if device.type == "cpu" else None
+    step_mb = peak_tensor_mb(lambda: step(*synthetic), device)
+    resident_step_mb = peak_resident_mb() - resident_before if device.type == "cpu" else None
     seconds = []
     for _ in range(args.steps):
         if device.type == "cuda":
@@ -333,7 +350,8 @@ def measure_step_memory(args, batch, checkpointing):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return {"batch": batch, "grad_checkpointing": checkpointing, "step_mb": step_mb, "model_mb": model_mb,
+    return {"batch": batch, "grad_checkpointing": checkpointing, "step_mb": step_mb, "resident_mb": resident_step_mb,
+            "model_mb": model_mb, "image_size": list(config.image_size),
             "step_s": statistics.median(seconds) if seconds else None}
 
 
@@ -354,6 +372,8 @@ def run_memory(args):
             rows.append({"method": args.method, "precision": args.precision, "batch": batch,
                          "grad_checkpointing": checkpointing,
                          "step_mb": round(statistics.median(r["step_mb"] for r in runs)),
+                         "resident_mb": round(statistics.median(r["resident_mb"] for r in runs))
+                         if runs[0]["resident_mb"] is not None else None,
                          "step_s": round(statistics.median(times), 3) if times else None,
                          "runs": len(runs), "model_mb": round(runs[0]["model_mb"])})
     for row in rows:  # each row against the same batch without checkpointing
@@ -368,13 +388,16 @@ def run_memory(args):
             slope = (at[high] - at[low]) / (high - low)
             extrapolated["on" if checkpointing else "off"] = {
                 "mb_per_pair": round(slope, 2), f"step_mb_at_{args.extrapolate_to}": round(at[low] + slope * (args.extrapolate_to - low))}
-    device = torch.device(args.device)
-    print(f"{args.method}, {'tiny CLIP' if args.tiny else 'ViT-B/16'} (random weights), "
-          f"{args.image_size[0]}x{args.image_size[1]}, {args.precision} on {device}; step_mb: the first step's "
-          f"peak {'allocated' if device.type == 'cuda' else 'resident'} memory beyond the built model, "
-          f"optimizer and batch; median of {args.repeats} fresh processes each")
+    device, image_size = torch.device(args.device), results[0]["image_size"]
+    print(f"{args.method}, {'tiny CLIP' if args.tiny else 'ViT-B/16'} (random weights), {image_size[0]}x{image_size[1]}, "
+          f"{args.precision} on {device}, one training step; medians of {args.repeats} fresh processes.\n"
+          "step_mb: the most tensor memory in use at once in the first step (activations, gradients, Adam's "
+          "state), beyond the built model, optimizer and batch" + ("" if device.type == "cuda" else
+          " (the CPU allocator's allocations and frees, as the profiler records them); resident_mb: the "
+          "process's peak resident size in that step beyond its size before it (adds one-off library "
+          "buffers and memory the C allocator keeps)") + "; step_s: the median of the later steps")
     print_table(rows, ["method", "precision", "batch", "grad_checkpointing", "step_mb", "memory_ratio",
-                       "step_s", "time_ratio", "model_mb"])
+                       "resident_mb", "step_s", "time_ratio", "model_mb"])
     for name, line in extrapolated.items():
         print(f"checkpointing {name}: {line['mb_per_pair']} MB per pair; batch {args.extrapolate_to}: "
               f"{line[f'step_mb_at_{args.extrapolate_to}']} MB beyond the model")
