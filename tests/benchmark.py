@@ -292,32 +292,17 @@ def print_table(rows, columns):
 # checkpointing, and what checkpointing costs in step time
 
 
-def reset_peak_memory(device):
-    """The memory in use now, in MB, and the peak reset to it (on the CPU: the resident size, its
-    high-water mark reset by writing 5 to /proc/self/clear_refs)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2 ** 20
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return resident_mb()
-
-
-def peak_resident_mb():
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def peak_tensor_mb(run, device):
     """The most tensor memory in use at once during run(), beyond what was in use before it, in MB:
     on CUDA the allocator's peak; on the CPU every allocation and free of PyTorch's CPU allocator,
-    as the profiler records them, summed in time order (what the allocator's peak would be on a GPU)."""
+    as the profiler records them, summed in time order (what the allocator's peak would be on a GPU;
+    the process's resident size would add memory the C allocator keeps and one-off library buffers)."""
     if device.type == "cuda":
-        before = reset_peak_memory(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         run()
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20 - before
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
         run()
     changes = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events()
@@ -329,57 +314,67 @@ def peak_tensor_mb(run, device):
     return peak / 2 ** 20
 
 
-def measure_step_memory(args, batch, checkpointing):
-    """Runs in a fresh process: build the model, optimizer and batch, then the first step's peak
-    memory beyond all that (activations, gradients, Adam's state), then `steps` more steps timed."""
+def build_step(args, checkpointing):
     device = torch.device(args.device)
     args = argparse.Namespace(**{**vars(args), "grad_checkpointing": checkpointing})
     config, model, _ = build_benchmark_model(args, device)
     step = training_step(model, device, evaluate.PRECISIONS[args.precision])
+    return config, model, step, device
+
+
+def measure_step_memory(args, batch, checkpointing):
+    """Runs in a fresh process: build the model, optimizer and batch, then the first step's peak
+    memory beyond all that (activations, gradients, Adam's state)."""
+    config, model, step, device = build_step(args, checkpointing)
     synthetic = synthetic_batch(config, batch, device)
     model_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2 ** 20
-    resident_before = reset_peak_memory(device) if device.type == "cpu" else None
-    step_mb = peak_tensor_mb(lambda: step(*synthetic), device)
-    resident_step_mb = peak_resident_mb() - resident_before if device.type == "cpu" else None
-    seconds = []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        step(*synthetic)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return {"batch": batch, "grad_checkpointing": checkpointing, "step_mb": step_mb, "resident_mb": resident_step_mb,
-            "model_mb": model_mb, "image_size": list(config.image_size),
-            "step_s": statistics.median(seconds) if seconds else None}
+    return {"batch": batch, "grad_checkpointing": checkpointing, "image_size": list(config.image_size),
+            "step_mb": peak_tensor_mb(lambda: step(*synthetic), device), "model_mb": model_mb}
+
+
+def time_steps_alternately(args, batch):
+    """Runs in a fresh process: one model, its steps alternately without and with checkpointing
+    (off, on, then on, off, ...), so that a change in the machine's load falls on both; after one
+    warm-up step of each, `steps` of each are timed. Returns the seconds of each variant's steps."""
+    config, model, step, device = build_step(args, checkpointing=False)
+    synthetic = synthetic_batch(config, batch, device)
+    seconds = {False: [], True: []}
+    for round_ in range(1 + args.steps):
+        for checkpointing in (False, True) if round_ % 2 == 0 else (True, False):
+            model.set_grad_checkpointing(checkpointing)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            step(*synthetic)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_ > 0:
+                seconds[checkpointing].append(time.perf_counter() - started)
+    return seconds
 
 
 def run_memory(args):
-    """Each measurement in its own process; with and without checkpointing alternate (off, on, then
-    on, off, ...) so that a change in the machine's load falls on both; medians over --repeats."""
-    results = []
-    for repeat in range(args.repeats):
-        for batch in args.batch_size:
-            for checkpointing in (False, True) if repeat % 2 == 0 else (True, False):
-                with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    results.append(pool.submit(measure_step_memory, args, batch, checkpointing).result())
+    """Each memory measurement in its own process (a fresh process's first step); the step times
+    of both variants in one more process, alternating."""
+    def in_fresh_process(function, *arguments):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(function, args, *arguments).result()
+
+    results = [in_fresh_process(measure_step_memory, batch, checkpointing)
+               for batch in args.batch_size for checkpointing in (False, True)]
+    seconds = in_fresh_process(time_steps_alternately, args.batch_size[0]) if args.steps else None
     rows = []
-    for batch in args.batch_size:
-        for checkpointing in (False, True):
-            runs = [r for r in results if r["batch"] == batch and r["grad_checkpointing"] == checkpointing]
-            times = [r["step_s"] for r in runs if r["step_s"] is not None]
-            rows.append({"method": args.method, "precision": args.precision, "batch": batch,
-                         "grad_checkpointing": checkpointing,
-                         "step_mb": round(statistics.median(r["step_mb"] for r in runs)),
-                         "resident_mb": round(statistics.median(r["resident_mb"] for r in runs))
-                         if runs[0]["resident_mb"] is not None else None,
-                         "step_s": round(statistics.median(times), 3) if times else None,
-                         "runs": len(runs), "model_mb": round(runs[0]["model_mb"])})
-    for row in rows:  # each row against the same batch without checkpointing
-        without = next(r for r in rows if r["batch"] == row["batch"] and not r["grad_checkpointing"])
-        row["memory_ratio"] = round(row["step_mb"] / without["step_mb"], 3)
-        row["time_ratio"] = round(row["step_s"] / without["step_s"], 3) if row["step_s"] and without["step_s"] else None
+    for result in results:
+        without = next(r for r in results if r["batch"] == result["batch"] and not r["grad_checkpointing"])
+        row = {"method": args.method, "precision": args.precision, "batch": result["batch"],
+               "grad_checkpointing": result["grad_checkpointing"], "step_mb": round(result["step_mb"], 1),
+               "memory_ratio": round(result["step_mb"] / without["step_mb"], 3), "step_s": None, "time_ratio": None,
+               "model_mb": round(result["model_mb"])}
+        if seconds and result["batch"] == args.batch_size[0]:
+            step_s = statistics.median(seconds[result["grad_checkpointing"]])
+            row["step_s"] = round(step_s, 3)
+            row["time_ratio"] = round(step_s / statistics.median(seconds[False]), 3)
+        rows.append(row)
     extrapolated = {}
     if len(args.batch_size) > 1:  # per pair: the slope between the smallest and the largest batch
         low, high = min(args.batch_size), max(args.batch_size)
@@ -387,21 +382,21 @@ def run_memory(args):
             at = {r["batch"]: r["step_mb"] for r in rows if r["grad_checkpointing"] == checkpointing}
             slope = (at[high] - at[low]) / (high - low)
             extrapolated["on" if checkpointing else "off"] = {
-                "mb_per_pair": round(slope, 2), f"step_mb_at_{args.extrapolate_to}": round(at[low] + slope * (args.extrapolate_to - low))}
+                "mb_per_pair": round(slope, 2),
+                f"step_mb_at_{args.extrapolate_to}": round(at[low] + slope * (args.extrapolate_to - low))}
     device, image_size = torch.device(args.device), results[0]["image_size"]
     print(f"{args.method}, {'tiny CLIP' if args.tiny else 'ViT-B/16'} (random weights), {image_size[0]}x{image_size[1]}, "
-          f"{args.precision} on {device}, one training step; medians of {args.repeats} fresh processes.\n"
-          "step_mb: the most tensor memory in use at once in the first step (activations, gradients, Adam's "
-          "state), beyond the built model, optimizer and batch" + ("" if device.type == "cuda" else
-          " (the CPU allocator's allocations and frees, as the profiler records them); resident_mb: the "
-          "process's peak resident size in that step beyond its size before it (adds one-off library "
-          "buffers and memory the C allocator keeps)") + "; step_s: the median of the later steps")
+          f"{args.precision} on {device}, one training step. step_mb: the most tensor memory in use at once in "
+          "a fresh process's first step (activations, gradients, Adam's state) beyond the built model, optimizer "
+          + ("and batch (the allocator's peak)" if device.type == "cuda" else
+             "and batch (the CPU allocator's allocations and frees, as the profiler records them)")
+          + (f"; step_s: the median of {args.steps} steps of each, alternating in one process" if args.steps else ""))
     print_table(rows, ["method", "precision", "batch", "grad_checkpointing", "step_mb", "memory_ratio",
-                       "resident_mb", "step_s", "time_ratio", "model_mb"])
+                       "step_s", "time_ratio", "model_mb"])
     for name, line in extrapolated.items():
         print(f"checkpointing {name}: {line['mb_per_pair']} MB per pair; batch {args.extrapolate_to}: "
               f"{line[f'step_mb_at_{args.extrapolate_to}']} MB beyond the model")
-    print(json.dumps({"benchmark": "memory", "results": rows, "extrapolated": extrapolated}))
+    print(json.dumps({"benchmark": "memory", "results": rows, "seconds": seconds, "extrapolated": extrapolated}))
 
 
 # -----------------------------------------------------------------------------
@@ -532,8 +527,9 @@ def main():
     memory.add_argument("--extrapolate-to", type=int, default=128, help="the batch the slope is extrapolated to")
     memory.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="autocast dtype (fp16 adds a grad scaler)")
-    memory.add_argument("--steps", type=int, default=2, help="steps timed after the measured first step")
-    memory.add_argument("--repeats", type=int, default=3, help="fresh processes per setting; medians are shown")
+    memory.add_argument("--steps", type=int, default=3,
+                        help="timed steps of each variant at the first --batch-size, alternating in one process "
+                             "after a warm-up step of each (0: memory only)")
     memory.set_defaults(run=run_memory)
 
     moe = commands.add_parser("moe", help="DM-Adapter's dispatch against the per-expert loop, forward + backward")
