@@ -293,25 +293,27 @@ def print_table(rows, columns):
 
 
 def peak_tensor_mb(run, device):
-    """The most tensor memory in use at once during run(), beyond what was in use before it, in MB:
-    on CUDA the allocator's peak; on the CPU every allocation and free of PyTorch's CPU allocator,
-    as the profiler records them, summed in time order (what the allocator's peak would be on a GPU;
-    the process's resident size would add memory the C allocator keeps and one-off library buffers)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    """(peak before the optimizer step, peak of the whole step): the most tensor memory in use at
+    once during run(), beyond what was in use before it, in MB. Read from every allocation and free
+    of PyTorch's allocator on `device`, as the profiler records them, summed in time order: on a
+    GPU the allocator's peak; on the CPU what that peak would be (the process's resident size would
+    add memory the C allocator keeps and one-off library buffers). The optimizer step's peak does not
+    grow with the batch, so the slope over batches is read from the forward and backward passes."""
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []),
+                                profile_memory=True) as profile:
         run()
-        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        run()
-    changes = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events()
-                     if event.name() == "[memory]")
-    in_use = peak = 0
-    for _, change in changes:
+    events = profile.profiler.kineto_results.events()
+    optimizer_starts = min(e.start_ns() for e in events if e.name().startswith("Optimizer.step"))
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == kind)
+    in_use = peak = before_optimizer = 0
+    for time_ns, change in changes:
         in_use += change
         peak = max(peak, in_use)
-    return peak / 2 ** 20
+        if time_ns < optimizer_starts:
+            before_optimizer = peak
+    return before_optimizer / 2 ** 20, peak / 2 ** 20
 
 
 def build_step(args, checkpointing):
@@ -328,8 +330,9 @@ def measure_step_memory(args, batch, checkpointing):
     config, model, step, device = build_step(args, checkpointing)
     synthetic = synthetic_batch(config, batch, device)
     model_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2 ** 20
+    forward_backward_mb, step_mb = peak_tensor_mb(lambda: step(*synthetic), device)
     return {"batch": batch, "grad_checkpointing": checkpointing, "image_size": list(config.image_size),
-            "step_mb": peak_tensor_mb(lambda: step(*synthetic), device), "model_mb": model_mb}
+            "step_mb": step_mb, "forward_backward_mb": forward_backward_mb, "model_mb": model_mb}
 
 
 def time_steps_alternately(args, batch):
@@ -368,6 +371,7 @@ def run_memory(args):
         without = next(r for r in results if r["batch"] == result["batch"] and not r["grad_checkpointing"])
         row = {"method": args.method, "precision": args.precision, "batch": result["batch"],
                "grad_checkpointing": result["grad_checkpointing"], "step_mb": round(result["step_mb"], 1),
+               "forward_backward_mb": round(result["forward_backward_mb"], 1),
                "memory_ratio": round(result["step_mb"] / without["step_mb"], 3), "step_s": None, "time_ratio": None,
                "model_mb": round(result["model_mb"])}
         if seconds and result["batch"] == args.batch_size[0]:
@@ -376,23 +380,27 @@ def run_memory(args):
             row["time_ratio"] = round(step_s / statistics.median(seconds[False]), 3)
         rows.append(row)
     extrapolated = {}
-    if len(args.batch_size) > 1:  # per pair: the slope between the smallest and the largest batch
+    if len(args.batch_size) > 1:
+        # Per pair: the slope of the forward and backward passes' peak between the smallest and the
+        # largest batch; the step's peak at the target batch is that line's value there, or the
+        # optimizer step's own peak if that is higher.
         low, high = min(args.batch_size), max(args.batch_size)
         for checkpointing in (False, True):
-            at = {r["batch"]: r["step_mb"] for r in rows if r["grad_checkpointing"] == checkpointing}
-            slope = (at[high] - at[low]) / (high - low)
+            at = {r["batch"]: r for r in rows if r["grad_checkpointing"] == checkpointing}
+            slope = (at[high]["forward_backward_mb"] - at[low]["forward_backward_mb"]) / (high - low)
+            target = at[low]["forward_backward_mb"] + slope * (args.extrapolate_to - low)
             extrapolated["on" if checkpointing else "off"] = {
                 "mb_per_pair": round(slope, 2),
-                f"step_mb_at_{args.extrapolate_to}": round(at[low] + slope * (args.extrapolate_to - low))}
+                f"step_mb_at_{args.extrapolate_to}": round(max(target, at[high]["step_mb"]))}
     device, image_size = torch.device(args.device), results[0]["image_size"]
     print(f"{args.method}, {'tiny CLIP' if args.tiny else 'ViT-B/16'} (random weights), {image_size[0]}x{image_size[1]}, "
           f"{args.precision} on {device}, one training step. step_mb: the most tensor memory in use at once in "
           "a fresh process's first step (activations, gradients, Adam's state) beyond the built model, optimizer "
-          + ("and batch (the allocator's peak)" if device.type == "cuda" else
-             "and batch (the CPU allocator's allocations and frees, as the profiler records them)")
+          "and batch, from the allocator's allocations and frees as the profiler records them; "
+          "forward_backward_mb: the same before the optimizer step"
           + (f"; step_s: the median of {args.steps} steps of each, alternating in one process" if args.steps else ""))
     print_table(rows, ["method", "precision", "batch", "grad_checkpointing", "step_mb", "memory_ratio",
-                       "step_s", "time_ratio", "model_mb"])
+                       "forward_backward_mb", "step_s", "time_ratio", "model_mb"])
     for name, line in extrapolated.items():
         print(f"checkpointing {name}: {line['mb_per_pair']} MB per pair; batch {args.extrapolate_to}: "
               f"{line[f'step_mb_at_{args.extrapolate_to}']} MB beyond the model")
