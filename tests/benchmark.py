@@ -341,19 +341,20 @@ def time_steps_alternately(args, batch):
     warm-up step of each, `steps` of each are timed. Returns the seconds of each variant's steps."""
     config, model, step, device = build_step(args, checkpointing=False)
     synthetic = synthetic_batch(config, batch, device)
-    seconds = {False: [], True: []}
+    seconds, cpu_seconds = {False: [], True: []}, {False: [], True: []}
     for round_ in range(1 + args.steps):
         for checkpointing in (False, True) if round_ % 2 == 0 else (True, False):
             model.set_grad_checkpointing(checkpointing)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             step(*synthetic)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if round_ > 0:
                 seconds[checkpointing].append(time.perf_counter() - started)
-    return seconds
+                cpu_seconds[checkpointing].append(time.process_time() - cpu_started)
+    return seconds, cpu_seconds
 
 
 def run_memory(args):
@@ -365,7 +366,7 @@ def run_memory(args):
 
     results = [in_fresh_process(measure_step_memory, batch, checkpointing)
                for batch in args.batch_size for checkpointing in (False, True)]
-    seconds = in_fresh_process(time_steps_alternately, args.batch_size[0]) if args.steps else None
+    seconds, cpu_seconds = in_fresh_process(time_steps_alternately, args.batch_size[0]) if args.steps else (None, None)
     rows = []
     for result in results:
         without = next(r for r in results if r["batch"] == result["batch"] and not r["grad_checkpointing"])
@@ -373,11 +374,13 @@ def run_memory(args):
                "grad_checkpointing": result["grad_checkpointing"], "step_mb": round(result["step_mb"], 1),
                "forward_backward_mb": round(result["forward_backward_mb"], 1),
                "memory_ratio": round(result["step_mb"] / without["step_mb"], 3), "step_s": None, "time_ratio": None,
-               "model_mb": round(result["model_mb"])}
+               "cpu_time_ratio": None, "model_mb": round(result["model_mb"])}
         if seconds and result["batch"] == args.batch_size[0]:
             step_s = statistics.median(seconds[result["grad_checkpointing"]])
             row["step_s"] = round(step_s, 3)
             row["time_ratio"] = round(step_s / statistics.median(seconds[False]), 3)
+            cpu_s = statistics.median(cpu_seconds[result["grad_checkpointing"]])
+            row["cpu_time_ratio"] = round(cpu_s / statistics.median(cpu_seconds[False]), 3)
         rows.append(row)
     extrapolated = {}
     if len(args.batch_size) > 1:
@@ -398,13 +401,15 @@ def run_memory(args):
           "a fresh process's first step (activations, gradients, Adam's state) beyond the built model, optimizer "
           "and batch, from the allocator's allocations and frees as the profiler records them; "
           "forward_backward_mb: the same before the optimizer step"
-          + (f"; step_s: the median of {args.steps} steps of each, alternating in one process" if args.steps else ""))
+          + (f"; step_s: the median of {args.steps} steps of each, alternating in one process; cpu_time_ratio: "
+             "the same for the process's CPU time, which other load on the machine disturbs less" if args.steps else ""))
     print_table(rows, ["method", "precision", "batch", "grad_checkpointing", "step_mb", "memory_ratio",
-                       "forward_backward_mb", "step_s", "time_ratio", "model_mb"])
+                       "forward_backward_mb", "step_s", "time_ratio", "cpu_time_ratio", "model_mb"])
     for name, line in extrapolated.items():
         print(f"checkpointing {name}: {line['mb_per_pair']} MB per pair; batch {args.extrapolate_to}: "
               f"{line[f'step_mb_at_{args.extrapolate_to}']} MB beyond the model")
-    print(json.dumps({"benchmark": "memory", "results": rows, "seconds": seconds, "extrapolated": extrapolated}))
+    print(json.dumps({"benchmark": "memory", "results": rows, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "extrapolated": extrapolated}))
 
 
 # -----------------------------------------------------------------------------
