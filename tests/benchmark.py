@@ -13,9 +13,10 @@
 Each prints a table and one JSON line. Weights are random (in OpenAI's layout, built from shapes):
 speed does not depend on their values. On CUDA the training step runs under
 torch.cuda.set_sync_debug_mode("warn") and every host synchronisation inside it is counted.
-Memory: on CUDA the allocator's peak; on the CPU the peak resident size of the process. The
-metric and memory measurements run in fresh processes so that their peak memory is their own
-(Linux only: they read /proc/self/status).
+Memory in `train`: on CUDA the allocator's peak; on the CPU the peak resident size of the process.
+`memory` reads the allocator's own allocations and frees instead (see peak_tensor_mb). The metric
+and memory measurements run in fresh processes so that their peak memory is their own (Linux only:
+the metric ones read /proc/self/status).
 """
 
 import argparse
@@ -529,10 +530,11 @@ def main():
 
     memory = commands.add_parser("memory", help="one step's peak memory and time, with and without activation "
                                                  "checkpointing, each in a fresh process")
-    memory.add_argument("--method", default="cskt", choices=["cskt", "dm_adapter", "finetune"])
-    memory.add_argument("--device", default=default_device)
-    memory.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
-    memory.add_argument("--stride", type=int, default=16)
+    memory.add_argument("--method", default="cskt", choices=["cskt", "dm_adapter", "finetune"],
+                        help="what trains (finetune: every CLIP weight)")
+    memory.add_argument("--device", default=default_device, help="a torch device")
+    memory.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"), help="input size")
+    memory.add_argument("--stride", type=int, default=16, help="stride of the patch convolution")
     memory.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/16 (smoke test)")
     memory.add_argument("--batch-size", type=int, nargs="+", default=[8],
                         help="pairs per step; with two or more, the per-pair slope between the smallest and the "
