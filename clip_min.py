@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class CLIPError(Exception):
@@ -265,10 +266,12 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        self.grad_checkpointing = False  # set by CLIP.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         for block in self.resblocks:
-            x = block(x)
+            # Checkpointing keeps only the block's input; the backward pass runs the block again.
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
         return x
 
 
@@ -438,6 +441,13 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=config.text_width ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in both towers (open_clip's name for it): the backward pass
+        recomputes each block's forward instead of keeping its activations, so a training step
+        keeps one tensor per block instead of dozens, for one more forward pass of compute. The
+        loss and every gradient are the same (bit for bit on the CPU)."""
+        self.visual.transformer.grad_checkpointing = self.transformer.grad_checkpointing = enable
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
         return self.visual(images)

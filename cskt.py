@@ -27,6 +27,7 @@ Loss: SDM (clip_min.sdm_loss). This file imports only torch and clip_min: copy b
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import clip_min
 
@@ -121,7 +122,19 @@ class CSKT(nn.Module):
             Adapter(vision_width, reduction, vision_scale) for _ in visual.transformer.resblocks)
         self.text_adapters = nn.ModuleList(
             Adapter(text_width, reduction, text_scale) for _ in clip_model.transformer.resblocks)
+        self.grad_checkpointing = False
         self.to(embedding.device)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's forward in the backward pass instead of keeping its activations
+        (the frozen blocks' activations are kept otherwise: prompts and adapters sit in every one)."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, block: clip_min.ResidualAttentionBlock, adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
+        # Checkpointing keeps only the block's input; the backward pass runs the block again.
+        if self.grad_checkpointing:
+            return checkpoint(adapted_block, block, adapter, x, use_reentrant=False)
+        return adapted_block(block, adapter, x)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -149,7 +162,7 @@ class CSKT(nn.Module):
                     x = visual.ln_pre(torch.cat([x, prompts], dim=1))  # [B, 1 + N + 2n, W]
                 else:  # replace what the previous layer made of the prompts
                     x = torch.cat([x[:, :-num_prompts], prompts], dim=1)
-            x = adapted_block(block, adapter, x)
+            x = self.run_block(block, adapter, x)
         return visual.pool(x)  # the class token
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, E]
@@ -162,7 +175,7 @@ class CSKT(nn.Module):
                 x = torch.cat([x[:, :1], prompts, x[:, 1 + num_prompts:]], dim=1)  # at positions 1..2n
                 if layer == 0:  # the prompts get positions like the words
                     x = x + self.clip.positional_embedding[: x.shape[1]]
-            x = adapted_block(block, adapter, x)  # causal: words see the prompts, not vice versa
+            x = self.run_block(block, adapter, x)  # causal: words see the prompts, not vice versa
         return self.clip.pool_text(x, eot_index)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,

@@ -27,6 +27,7 @@ zero, so at step 0 the model is exactly CLIP. This file imports only torch and c
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import clip_min
 
@@ -142,7 +143,22 @@ class DMAdapter(nn.Module):
         self.text_adapters = nn.ModuleList(
             MixtureOfAdapters(text_width, num_experts, top_k, reduction, text_scale)
             for _ in clip_model.transformer.resblocks)
+        self.grad_checkpointing = False
         self.to(clip_model.token_embedding.weight.device)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's forward in the backward pass instead of keeping its activations.
+        The recomputation routes every token to the same experts: routing is a deterministic
+        function of the block's input (no random draw), and checkpointing restores the autocast
+        state, so the fp32 router sees the same numbers and picks the same top-k."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, block: clip_min.ResidualAttentionBlock, mixture: MixtureOfAdapters,
+                  x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Checkpointing keeps only the block's input; the backward pass runs the block again.
+        if self.grad_checkpointing:
+            return checkpoint(adapted_block, block, mixture, x, use_reentrant=False)
+        return adapted_block(block, mixture, x)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -154,7 +170,7 @@ class DMAdapter(nn.Module):
         x = visual.ln_pre(visual.embed(images))  # [B, 1 + N, W]
         balance = 0
         for block, mixture in zip(visual.transformer.resblocks, self.vision_adapters):
-            x, block_balance = adapted_block(block, mixture, x)
+            x, block_balance = self.run_block(block, mixture, x)
             balance = balance + block_balance
         return visual.pool(x), balance
 
@@ -162,7 +178,7 @@ class DMAdapter(nn.Module):
         x = self.clip.embed_text(ids)  # [B, L, w]
         balance = 0
         for block, mixture in zip(self.clip.transformer.resblocks, self.text_adapters):
-            x, block_balance = adapted_block(block, mixture, x)
+            x, block_balance = self.run_block(block, mixture, x)
             balance = balance + block_balance
         return self.clip.pool_text(x, ids.argmax(dim=-1)), balance
 

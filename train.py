@@ -66,7 +66,8 @@ METHOD_DEFAULTS = {method: {name: parameter.default for name, parameter in inspe
 
 # Flags that may change when a run is resumed: they change how it is carried out, not what it
 # trains. Every other flag is the run's own and must match the checkpoint's.
-RUNNING_FLAGS = {"device", "precision", "workers", "eval_every", "log_every", "compile", "resume", "out", "stop_after"}
+RUNNING_FLAGS = {"device", "precision", "workers", "eval_every", "log_every", "compile", "grad_checkpointing", "resume",
+                 "out", "stop_after"}
 
 
 def as_flags(values: dict) -> str:
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     run("--eval-every", type=number(int, minimum=1), default=1, help="evaluate on val every this many epochs")
     run("--log-every", type=number(int, minimum=1), default=50, help="a progress line every this many steps")
     run("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model (GPUs)")
+    run("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+        help="activation checkpointing: the backward pass recomputes each block instead of keeping its "
+             "activations: a fraction of the memory for one more forward pass; the same loss and gradients")
     run("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
     run("--stop-after", type=number(int, minimum=1), default=None, metavar="N",
         help="stop after N epochs of this invocation (for time-limited jobs; then --resume)")
@@ -175,7 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if changed:
             parser.error(f"argument --resume: these flags differ from the run being resumed: {'; '.join(changed)}. "
                          "Resume without them, or start a new run with another --out")
-        args = argparse.Namespace(**{"processes": 1, **saved, **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
+        # A running flag newer than the run's checkpoint takes its default.
+        args = argparse.Namespace(**{"processes": 1, **{k: getattr(args, k) for k in RUNNING_FLAGS}, **saved,
+                                     **{k: getattr(args, k) for k in RUNNING_FLAGS & given},
                                      "resume": args.resume, "out": run_folder})
     else:
         own_flags = METHOD_DEFAULTS.get(args.method, {})
@@ -461,6 +467,8 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
     torch.manual_seed(args.seed + rank)  # also seeds every CUDA device
     method_args = {name: getattr(args, name) for name in METHOD_DEFAULTS.get(args.method, {})}
     model = evaluate.build_method(args.method, clip_model, method_args)
+    if args.grad_checkpointing:  # the papers' batch of 128 on a smaller GPU, with the same gradients
+        model.set_grad_checkpointing()
     step_model = model
     if world_size > 1:
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -8,13 +8,16 @@
     python tests/benchmark.py metrics --direction both   # text-to-image and image-to-text
     python tests/benchmark.py moe                        # DM-Adapter's dispatch against the per-expert loop
     python tests/benchmark.py train --tiny               # a seconds-long smoke run (what CI runs)
+    python tests/benchmark.py memory --method cskt --batch-size 8   # one step's peak memory, with and
+                                                         # without activation checkpointing, and its time
 
 Each prints a table and one JSON line. Weights are random (in OpenAI's layout, built from shapes):
 speed does not depend on their values. On CUDA the training step runs under
 torch.cuda.set_sync_debug_mode("warn") and every host synchronisation inside it is counted.
-Memory: on CUDA the allocator's peak; on the CPU the peak resident size of the process. The
-metric measurements run in fresh processes so that their peak memory is their own (Linux only:
-they read /proc/self/status).
+Memory in `train`: on CUDA the allocator's peak; on the CPU the peak resident size of the process.
+`memory` reads the allocator's own allocations and frees instead (see peak_tensor_mb). The metric
+and memory measurements run in fresh processes so that their peak memory is their own (Linux only:
+the metric ones read /proc/self/status).
 """
 
 import argparse
@@ -23,6 +26,7 @@ import json
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -180,6 +184,8 @@ def build_benchmark_model(args, device):
     if "depth" in method_args:
         method_args["depth"] = min(method_args["depth"], config.vision_layers, config.text_layers)
     model = evaluate.build_method(args.method, clip_model, method_args).to(device)
+    if getattr(args, "grad_checkpointing", False):  # eval has no such flag
+        model.set_grad_checkpointing()
     return config, model, method_args
 
 
@@ -228,19 +234,15 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     return next((peaks.get(precision) for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
 
 
-def run_train(args):
-    device = torch.device(args.device)
-    evaluate.use_device(device)  # the current GPU and the fp32 precision (no TF32), as train.py sets them
-    peak = args.peak_tflops or peak_tflops(device, args.precision)
-    amp_dtype = evaluate.PRECISIONS[args.precision]
-    config, model, method_args = build_benchmark_model(args, device)
+def training_step(model, device, amp_dtype, compile_model=False):
+    """step(images, ids, pids): what train.py does per batch, and nothing else, with the authors' recipe."""
     optimizer = train.build_optimizer(model, lr=3e-4, bias_lr_factor=2.0, weight_decay=4e-5, betas=(0.9, 0.999),
-                                      eps=1e-3, device=device)  # the authors' recipe
+                                      eps=1e-3, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if compile_model else model
     model.train()
 
-    def step(images, ids, pids):  # what train.py does per batch, and nothing else
+    def step(images, ids, pids):
         images = images.to(device, non_blocking=True)
         ids, pids = ids.to(device, non_blocking=True), pids.to(device, non_blocking=True)
         with evaluate.autocast(device, amp_dtype):
@@ -249,19 +251,35 @@ def run_train(args):
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
+    return step
 
-    batch = args.batch_size
+
+def synthetic_batch(config, batch, device):
+    """(images, ids, pids): random images, one caption, two pairs per identity."""
     generator = torch.Generator().manual_seed(0)
     captions = clip_min.tokenize(["a woman in a red coat carrying a black bag and wearing white shoes"] * batch)
     synthetic = (torch.randn(batch, 3, *config.image_size, generator=generator), captions,
-                 torch.randint(0, batch // 2, (batch,), generator=generator))
+                 torch.randint(0, max(1, batch // 2), (batch,), generator=generator))
     if device.type == "cuda":
         synthetic = tuple(t.pin_memory() for t in synthetic)
+    return synthetic
+
+
+def run_train(args):
+    device = torch.device(args.device)
+    evaluate.use_device(device)  # the current GPU and the fp32 precision (no TF32), as train.py sets them
+    peak = args.peak_tflops or peak_tflops(device, args.precision)
+    amp_dtype = evaluate.PRECISIONS[args.precision]
+    config, model, method_args = build_benchmark_model(args, device)
+    step = training_step(model, device, amp_dtype, args.compile)
+    batch = args.batch_size
+    synthetic = synthetic_batch(config, batch, device)
     seconds, syncs = timed_steps(step, iter(lambda: synthetic, None), args.steps, device)
     forward_flops, training_flops = flops_per_pair(config, args.method, method_args)
     achieved = training_flops * batch / seconds / 1e12
     row = {"pipeline": "synthetic", "method": args.method, "batch": batch, "image_size": list(config.image_size),
            "device": str(device), "precision": args.precision, "compile": args.compile,
+           "grad_checkpointing": args.grad_checkpointing,
            "step_s": round(seconds, 4), "pairs_per_s": round(batch / seconds, 1),
            "peak_memory_mb": round(memory_mb(device)), "host_syncs_in_step": syncs if device.type == "cuda" else None,
            "gflops_per_pair": round(training_flops / 1e9, 2), "tflops": round(achieved, 3),
@@ -272,7 +290,8 @@ def run_train(args):
         root = args.root or tempfile.mkdtemp(prefix="benchmark-demo-")
         dataset = data.load_dataset("demo", root)
         loader = data.train_loader(dataset.train, config.image_size, batch, args.workers, augment=True,
-                                   mask_captions=args.method == "dm_adapter", seed=0)
+                                   mask_captions=args.method == "dm_adapter", seed=0,
+                                   pin_memory=device.type == "cuda")
         loader_steps = min(args.steps, len(loader) - 2)
 
         def batches():
@@ -295,6 +314,131 @@ def print_table(rows, columns):
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+# -----------------------------------------------------------------------------
+# memory: one training step's peak memory beyond the built model, with and without activation
+# checkpointing, and what checkpointing costs in step time
+
+
+def peak_tensor_mb(run, device):
+    """(peak before the optimizer step, peak of the whole step): the most tensor memory in use at
+    once during run(), beyond what was in use before it, in MB. Read from every allocation and free
+    of PyTorch's allocator on `device`, as the profiler records them, summed in time order: on a
+    GPU the allocator's peak; on the CPU what that peak would be (the process's resident size would
+    add memory the C allocator keeps and one-off library buffers). The optimizer step's peak does not
+    grow with the batch, so the slope over batches is read from the forward and backward passes."""
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []),
+                                profile_memory=True) as profile:
+        run()
+    events = profile.profiler.kineto_results.events()
+    optimizer_starts = min(e.start_ns() for e in events if e.name().startswith("Optimizer.step"))
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == kind)
+    in_use = peak = before_optimizer = 0
+    for time_ns, change in changes:
+        in_use += change
+        peak = max(peak, in_use)
+        if time_ns < optimizer_starts:
+            before_optimizer = peak
+    return before_optimizer / 2 ** 20, peak / 2 ** 20
+
+
+def build_step(args, checkpointing):
+    device = torch.device(args.device)
+    args = argparse.Namespace(**{**vars(args), "grad_checkpointing": checkpointing})
+    config, model, _ = build_benchmark_model(args, device)
+    step = training_step(model, device, evaluate.PRECISIONS[args.precision])
+    return config, model, step, device
+
+
+def measure_step_memory(args, batch, checkpointing):
+    """Runs in a fresh process: build the model, optimizer and batch, then the first step's peak
+    memory beyond all that (activations, gradients, Adam's state)."""
+    config, model, step, device = build_step(args, checkpointing)
+    synthetic = synthetic_batch(config, batch, device)
+    model_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2 ** 20
+    forward_backward_mb, step_mb = peak_tensor_mb(lambda: step(*synthetic), device)
+    return {"batch": batch, "grad_checkpointing": checkpointing, "image_size": list(config.image_size),
+            "step_mb": step_mb, "forward_backward_mb": forward_backward_mb, "model_mb": model_mb}
+
+
+def time_steps_alternately(args, batch):
+    """Runs in a fresh process: one model, its steps alternately without and with checkpointing
+    (off, on, then on, off, ...), so that a change in the machine's load falls on both; after one
+    warm-up step of each, `steps` of each are timed. Returns the seconds of each variant's steps."""
+    config, model, step, device = build_step(args, checkpointing=False)
+    synthetic = synthetic_batch(config, batch, device)
+    seconds, cpu_seconds = {False: [], True: []}, {False: [], True: []}
+    for round_ in range(1 + args.steps):
+        for checkpointing in (False, True) if round_ % 2 == 0 else (True, False):
+            model.set_grad_checkpointing(checkpointing)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            step(*synthetic)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_ > 0:
+                seconds[checkpointing].append(time.perf_counter() - started)
+                cpu_seconds[checkpointing].append(time.process_time() - cpu_started)
+    return seconds, cpu_seconds
+
+
+def run_memory(args):
+    """Each memory measurement in its own process (a fresh process's first step); the step times
+    of both variants in one more process, alternating."""
+    def in_fresh_process(function, *arguments):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(function, args, *arguments).result()
+
+    results = [in_fresh_process(measure_step_memory, batch, checkpointing)
+               for batch in args.batch_size for checkpointing in (False, True)]
+    seconds, cpu_seconds = in_fresh_process(time_steps_alternately, args.batch_size[0]) if args.steps else (None, None)
+    rows = []
+    for result in results:
+        without = next(r for r in results if r["batch"] == result["batch"] and not r["grad_checkpointing"])
+        row = {"method": args.method, "precision": args.precision, "batch": result["batch"],
+               "grad_checkpointing": result["grad_checkpointing"], "step_mb": round(result["step_mb"], 1),
+               "forward_backward_mb": round(result["forward_backward_mb"], 1),
+               "memory_ratio": round(result["step_mb"] / without["step_mb"], 3), "step_s": None, "time_ratio": None,
+               "cpu_time_ratio": None, "model_mb": round(result["model_mb"])}
+        if seconds and result["batch"] == args.batch_size[0]:
+            step_s = statistics.median(seconds[result["grad_checkpointing"]])
+            row["step_s"] = round(step_s, 3)
+            row["time_ratio"] = round(step_s / statistics.median(seconds[False]), 3)
+            cpu_s = statistics.median(cpu_seconds[result["grad_checkpointing"]])
+            row["cpu_time_ratio"] = round(cpu_s / statistics.median(cpu_seconds[False]), 3)
+        rows.append(row)
+    extrapolated = {}
+    if len(args.batch_size) > 1:
+        # Per pair: the slope of the forward and backward passes' peak between the smallest and the
+        # largest batch; the step's peak at the target batch is that line's value there, or the
+        # optimizer step's own peak if that is higher.
+        low, high = min(args.batch_size), max(args.batch_size)
+        for checkpointing in (False, True):
+            at = {r["batch"]: r for r in rows if r["grad_checkpointing"] == checkpointing}
+            slope = (at[high]["forward_backward_mb"] - at[low]["forward_backward_mb"]) / (high - low)
+            target = at[low]["forward_backward_mb"] + slope * (args.extrapolate_to - low)
+            extrapolated["on" if checkpointing else "off"] = {
+                "mb_per_pair": round(slope, 2),
+                f"step_mb_at_{args.extrapolate_to}": round(max(target, at[high]["step_mb"]))}
+    device, image_size = torch.device(args.device), results[0]["image_size"]
+    print(f"{args.method}, {'tiny CLIP' if args.tiny else 'ViT-B/16'} (random weights), {image_size[0]}x{image_size[1]}, "
+          f"{args.precision} on {device}, one training step. step_mb: the most tensor memory in use at once in "
+          "a fresh process's first step (activations, gradients, Adam's state) beyond the built model, optimizer "
+          "and batch, from the allocator's allocations and frees as the profiler records them; "
+          "forward_backward_mb: the same before the optimizer step"
+          + (f"; step_s: the median of {args.steps} steps of each, alternating in one process; cpu_time_ratio: "
+             "the same for the process's CPU time, which other load on the machine disturbs less" if args.steps else ""))
+    print_table(rows, ["method", "precision", "batch", "grad_checkpointing", "step_mb", "memory_ratio",
+                       "forward_backward_mb", "step_s", "time_ratio", "cpu_time_ratio", "model_mb"])
+    for name, line in extrapolated.items():
+        print(f"checkpointing {name}: {line['mb_per_pair']} MB per pair; batch {args.extrapolate_to}: "
+              f"{line[f'step_mb_at_{args.extrapolate_to}']} MB beyond the model")
+    print(json.dumps({"benchmark": "memory", "results": rows, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "extrapolated": extrapolated}))
 
 
 # -----------------------------------------------------------------------------
@@ -401,6 +545,8 @@ def main():
     train_command.add_argument("--precision", default="bf16" if default_device == "cuda" else "fp32",
                                choices=["fp32", "bf16", "fp16"])
     train_command.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train_command.add_argument("--grad-checkpointing", action="store_true",
+                               help="activation checkpointing: recompute each block in the backward pass")
     train_command.add_argument("--data-pipeline", action="store_true",
                                help="also time the step fed by data.py's loader on the demo images")
     train_command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -412,6 +558,25 @@ def main():
     eval_command.add_argument("--captions", type=int, default=6156)
     eval_command.add_argument("--identities", type=int, default=1000)
     eval_command.add_argument("--batch-size", type=int, default=512)
+
+    memory = commands.add_parser("memory", help="one step's peak memory and time, with and without activation "
+                                                 "checkpointing, each in a fresh process")
+    memory.add_argument("--method", default="cskt", choices=["cskt", "dm_adapter", "finetune"],
+                        help="what trains (finetune: every CLIP weight)")
+    memory.add_argument("--device", default=default_device, help="a torch device")
+    memory.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"), help="input size")
+    memory.add_argument("--stride", type=int, default=16, help="stride of the patch convolution")
+    memory.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/16 (smoke test)")
+    memory.add_argument("--batch-size", type=int, nargs="+", default=[8],
+                        help="pairs per step; with two or more, the per-pair slope between the smallest and the "
+                             "largest is extrapolated to --extrapolate-to")
+    memory.add_argument("--extrapolate-to", type=int, default=128, help="the batch the slope is extrapolated to")
+    memory.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast dtype (fp16 adds a grad scaler)")
+    memory.add_argument("--steps", type=int, default=3,
+                        help="timed steps of each variant at the first --batch-size, alternating in one process "
+                             "after a warm-up step of each (0: memory only)")
+    memory.set_defaults(run=run_memory)
 
     moe = commands.add_parser("moe", help="DM-Adapter's dispatch against the per-expert loop, forward + backward")
     moe.add_argument("--batch-size", type=int, default=8)

@@ -32,6 +32,17 @@ def test_evaluation_and_dispatch_benchmarks(tmp_path):
     assert report["loop_over_dispatch"] > 0
 
 
+def test_memory_benchmark_measures_less_with_checkpointing(tmp_path):
+    report = run_benchmark("memory", "--tiny", "--method", "dm_adapter", "--batch-size", "4", "2", "--steps", "1",
+                           cwd=tmp_path)
+    rows = {(r["batch"], r["grad_checkpointing"]): r for r in report["results"]}
+    assert rows.keys() == {(2, False), (2, True), (4, False), (4, True)}
+    assert 0 < rows[4, True]["step_mb"] < rows[4, False]["step_mb"]
+    assert rows[4, False]["step_mb"] > rows[2, False]["step_mb"]  # activations grow with the batch
+    assert report["extrapolated"]["off"]["mb_per_pair"] > report["extrapolated"]["on"]["mb_per_pair"] > 0
+    assert rows[4, True]["time_ratio"] > 0 and rows[2, True]["time_ratio"] is None  # timed at the first batch
+
+
 def test_model_flops_of_clip_vit_b_16():
     """The FLOP count is the architecture's: ViT-B/16 at 224x224 is 17.6 G multiply-adds (image
     tower, as published) and 2.9 G for 77 text positions."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import clip_min
+import cskt
 import evaluate
 import train
 from conftest import TINY  # the CLIP of the `setup` fixture
@@ -142,6 +143,23 @@ def test_resume_after_epoch_1_equals_an_uninterrupted_run(setup, tmp_path, metho
     assert [e for e in lines if "resumed_at_epoch" in e] == [{"resumed_at_epoch": 2}]
     steps = [(e["epoch"], e["step"]) for e in lines if "step" in e]
     assert len(steps) == len(set(steps))
+
+
+def test_grad_checkpointing_trains_the_same_weights_and_may_change_on_resume(setup, tmp_path, monkeypatch):
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert train.main(arguments(setup, whole)) == 0
+    recomputed_blocks, real_checkpoint = [], cskt.checkpoint
+    monkeypatch.setattr(cskt, "checkpoint", lambda *a, **k: recomputed_blocks.append(1) or real_checkpoint(*a, **k))
+    halves_args = [str(halves) if a == str(whole) else a for a in arguments(setup, whole)]
+    assert train.main([*halves_args, "--stop-after", "1", "--grad-checkpointing"]) == 0
+    assert recomputed_blocks and json.loads((halves / "args.json").read_text())["grad_checkpointing"] is True
+    recomputed_blocks.clear()
+    assert train.main(["--resume", str(halves / "last.pt"), "--no-grad-checkpointing"]) == 0
+    assert not recomputed_blocks
+    uninterrupted, resumed = trained_weights(whole / "last.pt"), trained_weights(halves / "last.pt")
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
 
 
 def test_an_interrupted_epoch_is_redone_without_repeating_the_log(setup, tmp_path, monkeypatch, capsys):
@@ -491,6 +509,7 @@ def test_evaluate_py_zero_shot_clip(setup, capsys):
 
 
 def test_two_process_torchrun_on_cpu_and_its_resume(setup, tmp_path, capsys):
+    """Also DDP with activation checkpointing (the first leg), resumed without it."""
     out = tmp_path / "ddp"
 
     def torchrun(*argv):
@@ -500,7 +519,7 @@ def test_two_process_torchrun_on_cpu_and_its_resume(setup, tmp_path, capsys):
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 
-    assert "2 process(es)" in torchrun(*arguments(setup, out, "--stop-after", "1"))
+    assert "2 process(es)" in torchrun(*arguments(setup, out, "--stop-after", "1", "--grad-checkpointing"))
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["args"]["processes"] == 2
     first, second = checkpoint["rng"]  # each process's own CPU generator, to resume it
