@@ -23,6 +23,8 @@ by the same reader (section "The synthetic demo sets").
 
 Bad data is never dropped: every problem raises DataError, one line naming the file and entry,
 before any training: load_dataset tokenizes every caption and reads the header of every image.
+What the authors' readers accept (an image in two entries, a caption with no words, ids with
+gaps) is read as they read it and reported once per split (Dataset.report).
 `python data.py --check NAME --root DIR` reports every problem of a dataset at once, and decodes
 every image in full.
 """
@@ -38,7 +40,7 @@ import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -112,6 +114,7 @@ class Dataset:
     train: TrainSplit
     val: EvalSplit | None
     test: EvalSplit
+    report: list[str] = field(default_factory=list)  # what was odd but usable, one line per kind and split
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +128,9 @@ class Entry:
     pid: int
     image: str  # absolute path, inside <root>/<name>/imgs/
     captions: list[str]
-    tokens: list[list[int]]  # the BPE ids of each caption, without SOT and EOT; never empty
+    tokens: list[list[int]]  # the BPE ids of each caption, without SOT and EOT; empty if it has no words
+    index: int  # its position in the annotation file
+    relative: str  # the image path as the file writes it
 
 
 # What Pillow raises on a file it cannot read: the errors its own Image.open takes to mean "not this
@@ -198,7 +203,6 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
     required = {"split": str, "id": int, info.image_field: str, "captions": list}
     candidates: list[tuple[int, Entry]] = []  # (index, entry) with all fields right; image not yet opened
     problems: list[tuple[int, str]] = []      # (index of the entry at fault, the line)
-    first_entry: dict[str, int] = {}          # image -> index of the first entry naming it
     for i, entry in enumerate(annotations):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):
@@ -226,26 +230,16 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
         for k, text in enumerate(entry["captions"]):
             if not isinstance(text, str):
                 found.append(f"{where}: caption {k} should be str, got {type(text).__name__}")
-            elif not (caption_tokens := tokenizer.encode(text)):  # blank, control characters, markup
-                found.append(f"{where}: caption {k} has no words once cleaned: {text[:40]!r}")
-            else:
-                tokens.append(caption_tokens)
+            else:  # a caption that cleans to nothing (blank, markup) is [SOT, EOT], as in IRRA's reader
+                tokens.append(tokenizer.encode(text))
         # Paths are taken as written, normalised: "a/../b.jpg" and "b.jpg" are one image. Links are
         # not resolved, since imgs/ itself is often a link to where the images are kept.
         image = os.path.normpath(os.path.join(imgs, relative))
         if not image.startswith(imgs + os.sep):  # absolute, or "../" out of imgs/
             found.append(f"{where}: image path {relative!r} is not inside {imgs}{os.sep}")
-        elif image in first_entry:  # a doubled test query, or ground truth with two answers
-            j = first_entry[image]
-            other = annotations[j]["id"]
-            found.append(f"{where}: duplicate of entry {j} (same image {relative!r}, same id {pid})"
-                         if other == pid else
-                         f"{where}: image {relative!r} is also in entry {j}, under id {other} (here {pid})")
-        else:
-            first_entry[image] = i
         problems += [(i, line) for line in found]
         if not found:
-            candidates.append((i, Entry(split, pid, image, entry["captions"], tokens)))
+            candidates.append((i, Entry(split, pid, image, entry["captions"], tokens, i, relative)))
 
     entries = []
     for (i, entry), problem in zip(candidates, image_problems([entry.image for _, entry in candidates])):
@@ -258,6 +252,46 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
     problems += [(len(annotations), f"{path}: no valid '{split}' entries")
                  for split in needed if split not in present]
     return entries, [line for _, line in sorted(problems, key=lambda problem: problem[0])]
+
+
+SHOWN = 3  # entries named per oddity; the count says how many there are
+
+
+def entry_list(indexes: list[int]) -> str:
+    """'entries 7, 20, 31 and 4 more' for the first SHOWN of the entry indexes."""
+    shown = ", ".join(str(i) for i in indexes[:SHOWN])
+    more = f" and {len(indexes) - SHOWN:,} more" if len(indexes) > SHOWN else ""
+    return f"entr{'y' if len(indexes) == 1 else 'ies'} {shown}{more}"
+
+
+def oddities(split: str, entries: list[Entry]) -> list[str]:
+    """One line per kind of oddity in the entries of one split that the authors' readers (IRRA's,
+    which CSKT and DM-Adapter reuse) take as they are, and so do we: an image in several entries
+    (each stays an entry of its own: a training image, or a gallery item and its queries), a
+    caption with no words once cleaned (it becomes [SOT, EOT]), training ids with gaps (remapped)."""
+    lines, first = [], {}  # first: image -> the first entry naming it
+    same_id, other_id = [], []
+    for e in entries:
+        if e.image in first:
+            (same_id if first[e.image].pid == e.pid else other_id).append(e)
+        else:
+            first[e.image] = e
+    for found, how in ((same_id, "under the same id"), (other_id, "under another id")):
+        if found:
+            pairs = [f"{first[e.image].index} and {e.index} ({e.relative!r})" for e in found[:SHOWN]]
+            more = f" and {len(found) - SHOWN:,} more" if len(found) > SHOWN else ""
+            lines.append(f"{split}: {len(found):,} entr{'y repeats' if len(found) == 1 else 'ies repeat'} an "
+                         f"image of an earlier entry {how} (entries {', '.join(pairs)}{more}); each is "
+                         "kept as an entry of its own, as IRRA's reader keeps it")
+    empty = [e.index for e in entries for tokens in e.tokens if not tokens]
+    if empty:
+        lines.append(f"{split}: {len(empty):,} caption(s) with no words once cleaned ({entry_list(empty)}); "
+                     "each is read as an empty caption (SOT, EOT), as IRRA's tokenizer reads it")
+    pids = sorted({e.pid for e in entries})
+    if split == "train" and pids and pids[-1] - pids[0] + 1 != len(pids):
+        lines.append(f"train: {len(pids):,} ids between {pids[0]} and {pids[-1]}, not contiguous; remapped to "
+                     f"0..{len(pids) - 1} in sorted order")
+    return lines
 
 
 def caption_ids(tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
@@ -313,7 +347,8 @@ def load_dataset(name: str, root: str) -> Dataset:
         raise DataError(problems[0] + (more if len(problems) > 1 else ""))
     by_split = {split: [e for e in entries if e.split == split] for split in ("train", "val", "test")}
     val = eval_split(by_split["val"]) if DATASETS[name].has_val else None
-    return Dataset(name, root, train_split(by_split["train"]), val, eval_split(by_split["test"]))
+    report = [f"{name} {line}" for split, part in by_split.items() for line in oddities(split, part)]
+    return Dataset(name, root, train_split(by_split["train"]), val, eval_split(by_split["test"]), report)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -691,6 +726,9 @@ def check(name: str, root: str) -> int:
             ids, captions = len({e.pid for e in part}), sum(len(e.captions) for e in part)
             cut = caption_ids([t for e in part for t in e.tokens])[1]
             print(f"{split:<6} {ids:>7} {len(part):>7} {captions:>8} {cut:>16}")
+    for split in ("train", "val", "test"):  # taken as the authors' readers take it, and said once
+        for line in oddities(split, [e for e in entries if e.split == split]):
+            print(line)
     for problem in problems:
         print(problem)
     print(f"{len(problems)} problem(s)")

@@ -345,6 +345,8 @@ def run(args: argparse.Namespace) -> None:
 
     # --- data: every entry and image is checked before anything trains ----------------------------
     dataset = data.load_dataset(args.data, args.root)
+    for line in dataset.report:  # what the authors' readers accept and so do we, said once per split
+        log(line)
     for split_name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if split is not None and split.num_truncated:
             log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
