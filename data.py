@@ -24,7 +24,9 @@ by the same reader (section "The synthetic demo sets").
 Bad data is never dropped: every problem raises DataError, one line naming the file and entry,
 before any training: load_dataset tokenizes every caption and reads the header of every image.
 What the authors' readers accept (an image in two entries, a caption with no words, ids with
-gaps) is read as they read it and reported once per split (Dataset.report).
+gaps) is read as they read it and reported once per split (Dataset.report), and the copy is
+compared with the published counts (Dataset.verdict). CUHK-PEDES without reid_raw.json is read from
+the archive's caption_all.json, split by id ranges (split_by_id_ranges).
 `python data.py --check NAME --root DIR` reports every problem of a dataset at once, and decodes
 every image in full.
 """
@@ -115,6 +117,8 @@ class Dataset:
     val: EvalSplit | None
     test: EvalSplit
     report: list[str] = field(default_factory=list)  # what was odd but usable, one line per kind and split
+    published: bool | None = None  # whether the copy is the published set (None: no published counts)
+    verdict: str = ""  # one line: matches the published set, or how it differs and the likely cause
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +176,79 @@ def image_problems(images: list[str]) -> list[str | None]:
         return [problem for chunk in found for problem in chunk]
 
 
-def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
+# The published counts per split, (identities, images, captions), that a copy on disk is compared
+# with: CUHK-PEDES as its authors' reid_raw.json gives them, ICFG-PEDES one caption per image.
+PUBLISHED = {
+    "CUHK-PEDES": {"train": (11_003, 34_054, 68_126), "val": (1_000, 3_078, 6_158), "test": (1_000, 3_074, 6_156)},
+    "ICFG-PEDES": {"train": (3_102, 34_674, 34_674), "test": (1_000, 19_848, 19_848)},
+    "RSTPReid": {"train": (3_701, 18_505, 37_010), "val": (200, 1_000, 2_000), "test": (200, 1_000, 2_000)},
+}
+RSTPREID_OLD_IDS = {"train": 3_901, "val": 100, "test": 100}  # the first release, since withdrawn
+CAPTION_ALL = "caption_all.json"  # what the CUHK-PEDES archive ships: reid_raw.json without "split"
+
+
+def read_json(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            annotations = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    if not isinstance(annotations, list):
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(annotations).__name__}")
+    return annotations
+
+
+def split_by_id_ranges(annotations: list, path: str, get_it: str) -> tuple[list, str]:
+    """CUHK-PEDES's caption_all.json with the split of each entry derived from its id, as reid_raw.json
+    splits it: train ids 1..11,003, val the next 1,000, test the next 1,000; and a line saying so.
+    Used only if the derived counts per split are the published ones, since nothing else in the
+    file tells the split: otherwise DataError, saying to get reid_raw.json."""
+    bounds, low = {}, 1
+    for split, (ids, _, _) in PUBLISHED["CUHK-PEDES"].items():  # train, val, test, in id order
+        bounds[split], low = (low, low + ids - 1), low + ids
+    found = {split: (set(), [0], [0]) for split in bounds}  # ids, images, captions
+    derived = []
+    for entry in annotations:
+        pid = entry.get("id") if isinstance(entry, dict) else None
+        split = next((split for split, (first, last) in bounds.items()
+                      if isinstance(pid, int) and not isinstance(pid, bool) and first <= pid <= last), None)
+        if split:
+            entry = {**entry, "split": split}
+            found[split][0].add(pid)
+            found[split][1][0] += 1
+            found[split][2][0] += len(entry["captions"]) if isinstance(entry.get("captions"), list) else 0
+        derived.append(entry)
+    counts = {split: (len(ids), images[0], captions[0]) for split, (ids, images, captions) in found.items()}
+    ranges = ", ".join(f"{split} {first:,}..{last:,}" for split, (first, last) in bounds.items())
+    if counts != PUBLISHED["CUHK-PEDES"]:
+        raise DataError(f"{path}: no reid_raw.json beside it, and the ids of this file ({ranges}) do not give the "
+                        f"published split: {count_differences(counts, PUBLISHED['CUHK-PEDES'])}. {get_it}")
+    return derived, (f"CUHK-PEDES: reid_raw.json not found; the split was derived from the ids of "
+                     f"{CAPTION_ALL} ({ranges}), which give exactly the published counts")
+
+
+def count_differences(counts: dict, published: dict) -> str:
+    """'train 3 ids / 4 images / 7 captions (published 11,003 / 34,054 / 68,126); ...' for the splits that differ."""
+    return "; ".join(f"{split} {ids:,} ids / {images:,} images / {captions:,} captions (published "
+                     f"{' / '.join(f'{n:,}' for n in published[split])})"
+                     for split in published for ids, images, captions in [counts.get(split, (0, 0, 0))]
+                     if (ids, images, captions) != published[split])
+
+
+@dataclass
+class Annotations:
+    """What read_annotations found in an annotation file."""
+    path: str
+    entries: list[Entry]  # the valid ones
+    problems: list[str]   # one line each, in file order
+    counts: dict[str, tuple[int, int, int]]  # per split, (ids, images, captions) of entries with every field right
+    missing: list[tuple[int, str]]  # (entry, path as written) of each image not found
+    notes: list[str]      # what was done to read it
+
+
+def read_annotations(name: str, root: str) -> Annotations:
     """The valid entries of <root>/<name>/<annotation>, and one line per problem found, in file order.
 
     Every entry is checked, every caption tokenized and the header of every image read, so that
@@ -186,23 +262,22 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
     get_it = f"Get {name} ({info.source}); put its annotations at {path}, its images under {folder}/imgs/"
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: dataset folder not found. {get_it}")
-    if not os.path.isfile(path):
+    notes = []
+    if name == "CUHK-PEDES" and not os.path.isfile(path) and os.path.isfile(os.path.join(folder, CAPTION_ALL)):
+        path = os.path.join(folder, CAPTION_ALL)
+        annotations, note = split_by_id_ranges(read_json(path), path, get_it)
+        notes.append(note)
+    elif not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found. {get_it}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            annotations = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
-    if not isinstance(annotations, list):
-        raise DataError(f"{path}: expected a JSON list of entries, got {type(annotations).__name__}")
+    else:
+        annotations = read_json(path)
 
     imgs = os.path.abspath(os.path.join(folder, "imgs"))
     tokenizer = clip_min.default_tokenizer()
     required = {"split": str, "id": int, info.image_field: str, "captions": list}
     candidates: list[tuple[int, Entry]] = []  # (index, entry) with all fields right; image not yet opened
     problems: list[tuple[int, str]] = []      # (index of the entry at fault, the line)
+    counted: dict[str, list[tuple[int, int]]] = {}  # split -> (id, captions) of each entry with every field right
     for i, entry in enumerate(annotations):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):
@@ -239,19 +314,67 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
             found.append(f"{where}: image path {relative!r} is not inside {imgs}{os.sep}")
         problems += [(i, line) for line in found]
         if not found:
+            counted.setdefault(split, []).append((pid, len(entry["captions"])))
             candidates.append((i, Entry(split, pid, image, entry["captions"], tokens, i, relative)))
 
-    entries = []
+    entries, missing = [], []
     for (i, entry), problem in zip(candidates, image_problems([entry.image for _, entry in candidates])):
         if problem:
             problems.append((i, f"{path}: entry {i}: {problem}"))
+            if problem.startswith("image not found"):
+                missing.append((i, entry.relative))
         else:
             entries.append(entry)
     present = {e.split for e in entries}
     needed = ("train", "val", "test") if info.has_val else ("train", "test")
     problems += [(len(annotations), f"{path}: no valid '{split}' entries")
                  for split in needed if split not in present]
-    return entries, [line for _, line in sorted(problems, key=lambda problem: problem[0])]
+    counts = {split: (len({pid for pid, _ in part}), len(part), sum(n for _, n in part))
+              for split, part in counted.items()}
+    return Annotations(path, entries, [line for _, line in sorted(problems, key=lambda problem: problem[0])],
+                       counts, missing, notes)
+
+
+def missing_images(missing: list[tuple[int, str]], imgs: str) -> str:
+    """'7,112 images missing, all under Market/ and train_query/: this copy lacks those folders', or
+    the count under each top-level folder when some of a folder's images are there."""
+    per_folder: dict[str, int] = {}
+    for _, relative in missing:
+        top = os.path.normpath(relative).split(os.sep)[0] + "/"
+        per_folder[top] = per_folder.get(top, 0) + 1
+    folders = sorted(per_folder)
+    said = f"{len(missing):,} image{'s' * (len(missing) != 1)} missing"
+    if not any(os.path.isdir(os.path.join(imgs, top)) for top in folders):
+        names = folders[0] if len(folders) == 1 else ", ".join(folders[:-1]) + " and " + folders[-1]
+        lacks = "that folder" if len(folders) == 1 else "those folders"
+        return f"{said}, all under {names}: this copy lacks {lacks}"
+    return f"{said}: " + ", ".join(f"{per_folder[top]:,} under {top}" for top in folders)
+
+
+def verdict(name: str, found: Annotations) -> tuple[bool | None, str]:
+    """Whether the copy on disk is the published set (None: no published counts), and one line
+    saying so or how it differs and the likely cause. A copy that differs still trains (a subset
+    may be on purpose), but its results cannot be compared with the papers'."""
+    if name not in PUBLISHED:
+        return None, f"{name}: {DATASETS[name].source}; no published counts to compare with"
+    published, counts = PUBLISHED[name], found.counts
+    differences = count_differences(counts, published)
+    if not differences and not found.missing:
+        return True, (f"{name}: matches the published set (" + "; ".join(
+            f"{split} {' / '.join(f'{n:,}' for n in published[split])}" for split in published)
+            + " ids / images / captions)")
+    causes = []
+    if found.missing:
+        causes.append(missing_images(found.missing, os.path.join(os.path.dirname(found.path), "imgs")))
+    if name == "RSTPReid" and {split: ids for split, (ids, _, _) in counts.items()} == RSTPREID_OLD_IDS:
+        causes.append("this is the older release's 3,901/100/100 split, which its maintainers withdrew: "
+                      "download it again from github.com/NjtechCVLab/RSTPReid-Dataset")
+    elif differences:
+        entries, expected = (sum(c[1] for c in d.values()) for d in (counts, published))
+        causes.append(f"{abs(entries - expected):,} {'fewer' if entries < expected else 'more'} entries than "
+                      "published" if entries != expected else "as many entries as published, split otherwise")
+    return False, (f"{name}: NOT the published set ({differences or 'every entry listed'}); likely cause: "
+                   f"{'; '.join(causes)}. It trains, but its results cannot be compared with the papers'")
 
 
 SHOWN = 3  # entries named per oddity; the count says how many there are
@@ -341,14 +464,22 @@ def load_dataset(name: str, root: str) -> Dataset:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name in DEMO_SIZES:
         make_demo(name, root)  # the last section of this file
-    entries, problems = read_annotations(name, root)
+    found = read_annotations(name, root)
+    entries, problems = found.entries, found.problems
+    if len(found.missing) > 1:  # a folder left out of the copy, said at once rather than image by image
+        i, relative = found.missing[0]
+        imgs = os.path.join(os.path.dirname(found.path), "imgs")
+        raise DataError(f"{found.path}: entry {i} and more: {missing_images(found.missing, imgs)} (first "
+                        f"{relative!r}); get the complete image archive ({DATASETS[name].source})")
     if problems:
         more = f" (and {len(problems) - 1} more: python data.py --check {name} --root {root})"
         raise DataError(problems[0] + (more if len(problems) > 1 else ""))
     by_split = {split: [e for e in entries if e.split == split] for split in ("train", "val", "test")}
     val = eval_split(by_split["val"]) if DATASETS[name].has_val else None
-    report = [f"{name} {line}" for split, part in by_split.items() for line in oddities(split, part)]
-    return Dataset(name, root, train_split(by_split["train"]), val, eval_split(by_split["test"]), report)
+    report = found.notes + [f"{name} {line}" for split, part in by_split.items() for line in oddities(split, part)]
+    published, said = verdict(name, found)
+    return Dataset(name, root, train_split(by_split["train"]), val, eval_split(by_split["test"]), report,
+                   published, said)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -708,9 +839,10 @@ def check(name: str, root: str) -> int:
     if name in DEMO_SIZES:
         make_demo(name, root)
     try:
-        entries, problems = read_annotations(name, root)
+        found = read_annotations(name, root)
     except DataError as e:  # nothing readable: that one problem is all there is to say
-        entries, problems = [], [str(e)]
+        found = Annotations("", [], [str(e)], {}, [], [])
+    entries, problems = found.entries, found.problems
     for n, entry in enumerate(entries, start=1):
         try:
             load_image(entry.image)  # the whole file: one cut short passes the header read
@@ -729,8 +861,12 @@ def check(name: str, root: str) -> int:
     for split in ("train", "val", "test"):  # taken as the authors' readers take it, and said once
         for line in oddities(split, [e for e in entries if e.split == split]):
             print(line)
+    for line in found.notes:
+        print(line)
     for problem in problems:
         print(problem)
+    if found.path:
+        print(verdict(name, found)[1])
     print(f"{len(problems)} problem(s)")
     return len(problems)
 

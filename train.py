@@ -347,6 +347,7 @@ def run(args: argparse.Namespace) -> None:
     dataset = data.load_dataset(args.data, args.root)
     for line in dataset.report:  # what the authors' readers accept and so do we, said once per split
         log(line)
+    log(dataset.verdict)  # whether the numbers of this run can be compared with the papers'
     for split_name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if split is not None and split.num_truncated:
             log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
@@ -409,6 +410,8 @@ def run(args: argparse.Namespace) -> None:
             journal.flush()
 
     first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
+    if not args.resume:  # a resumed run keeps the line its start wrote
+        record({"data": args.data, "published_set": dataset.published, "verdict": dataset.verdict})
     if args.resume:
         checkpoint = evaluate.read_checkpoint(args.resume)
         if checkpoint["clip"]["sha256"] != backbone["sha256"]:
@@ -503,7 +506,8 @@ def run(args: argparse.Namespace) -> None:
         log(f"test (epoch {best_checkpoint['epoch'] + 1}): " + evaluate.format_metrics(results))
         record({"epoch": best_checkpoint["epoch"] + 1, "split": "test", **results})
         with open(os.path.join(args.out, "test_metrics.json"), "w") as file:
-            json.dump({"epoch": best_checkpoint["epoch"] + 1, **results}, file, indent=2)
+            json.dump({"epoch": best_checkpoint["epoch"] + 1, **results, "published_set": dataset.published,
+                       "data_verdict": dataset.verdict}, file, indent=2)
         if args.data == "demo":
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}

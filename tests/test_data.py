@@ -179,6 +179,115 @@ def test_a_report_names_the_first_few_entries_and_counts_all(cuhk):
     assert "5 and 9 ('test_query/030.png') and 2 more)" in report[1]
 
 
+# ------------------------------------------------------------------------------------------------
+# The published counts: a copy on disk is compared with them, and the verdict says how it differs
+
+FIXTURE_COUNTS = {"train": (3, 4, 7), "val": (1, 1, 2), "test": (2, 2, 4)}  # of cuhk_entries()
+
+
+def test_the_verdict_says_whether_a_copy_is_the_published_set(cuhk, monkeypatch):
+    subset = data.load_dataset("CUHK-PEDES", str(cuhk))  # a tiny copy: it loads, and says what it is
+    assert subset.published is False
+    assert subset.verdict.startswith("CUHK-PEDES: NOT the published set (train 3 ids / 4 images / 7 captions "
+                                     "(published 11,003 / 34,054 / 68,126); val 1 ids")
+    assert "likely cause: 40,199 fewer entries than published. It trains, but its results cannot" in subset.verdict
+
+    monkeypatch.setitem(data.PUBLISHED, "CUHK-PEDES", FIXTURE_COUNTS)
+    same = data.load_dataset("CUHK-PEDES", str(cuhk))
+    assert same.published is True and same.verdict == ("CUHK-PEDES: matches the published set (train 3 / 4 / 7; "
+                                                       "val 1 / 1 / 2; test 2 / 2 / 4 ids / images / captions)")
+    entries = cuhk_entries() + [dict(cuhk_entries()[6], file_path="test_query/extra.png")]
+    write_dataset(cuhk, "CUHK-PEDES", entries)
+    more = data.load_dataset("CUHK-PEDES", str(cuhk))
+    assert more.published is False and "test 2 ids / 3 images / 6 captions (published 2 / 2 / 4)" in more.verdict
+    assert "likely cause: 1 more entries than published" in more.verdict
+
+
+def test_missing_image_folders_are_named_as_the_likely_cause(cuhk, monkeypatch):
+    monkeypatch.setitem(data.PUBLISHED, "CUHK-PEDES", FIXTURE_COUNTS)
+    for folder in ("cam_a", "cam_b", "Market"):  # a copy handed out without these folders
+        for image in (cuhk / "CUHK-PEDES/imgs" / folder).iterdir():
+            image.unlink()
+        (cuhk / "CUHK-PEDES/imgs" / folder).rmdir()
+    with pytest.raises(data.DataError, match=r"reid_raw\.json: entry 0 and more: 3 images missing, all under "
+                                             r"Market/, cam_a/ and cam_b/: this copy lacks those folders \(first "
+                                             r"'cam_a/007_1\.png'\); get the complete image archive \(Li et al"):
+        data.load_dataset("CUHK-PEDES", str(cuhk))
+    found = data.read_annotations("CUHK-PEDES", str(cuhk))
+    published, said = data.verdict("CUHK-PEDES", found)
+    assert published is False and said.startswith("CUHK-PEDES: NOT the published set (every entry listed); "
+                                                   "likely cause: 3 images missing, all under Market/")
+
+    (cuhk / "CUHK-PEDES/imgs/cam_a").mkdir()  # the folder is there, some of its images are not
+    found = data.read_annotations("CUHK-PEDES", str(cuhk))
+    assert "3 images missing: 1 under Market/, 1 under cam_a/, 1 under cam_b/" in data.verdict("CUHK-PEDES", found)[1]
+
+
+def test_rstpreid_of_the_older_release_is_told_to_download_again():
+    counts = {"train": (3_901, 19_505, 39_010), "val": (100, 500, 1_000), "test": (100, 500, 1_000)}
+    old = data.Annotations("data/RSTPReid/data_captions.json", [], [], counts, [], [])
+    published, said = data.verdict("RSTPReid", old)
+    assert published is False and "train 3,901 ids / 19,505 images / 39,010 captions (published 3,701" in said
+    assert "older release's 3,901/100/100 split" in said and "download it again" in said
+    current = data.Annotations("", [], [], dict(data.PUBLISHED["RSTPReid"]), [], [])
+    assert data.verdict("RSTPReid", current)[0] is True
+
+
+def test_check_prints_the_verdict(cuhk, capsys):
+    data.check("CUHK-PEDES", str(cuhk))
+    assert "\nCUHK-PEDES: NOT the published set (train 3 ids" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# CUHK-PEDES from caption_all.json, the archive's own file: the split from the id ranges
+
+def caption_all_entries(train_ids, val_ids, test_ids):
+    """caption_all.json's entries (no split) for contiguous ids 1.., two images of 1 and 2 captions each."""
+    return [{"id": pid, "file_path": f"CUHK01/{pid:05d}_{k}.png", "captions": [f"person {pid}."] * (1 + k)}
+            for pid in range(1, train_ids + val_ids + test_ids + 1) for k in range(2)]
+
+
+def test_caption_all_at_the_published_size_gives_the_published_split():
+    published = data.PUBLISHED["CUHK-PEDES"]
+    entries = caption_all_entries(*(ids for ids, _, _ in published.values()))
+    # Make the images and captions per split the published ones: drop or add entries at each split's end.
+    by_split, low = {}, 1
+    for split, (ids, images, captions) in published.items():
+        part = [e for e in entries if low <= e["id"] < low + ids]
+        part = part[:images] + [dict(part[-1]) for _ in range(images - len(part))]
+        part[-1] = dict(part[-1], captions=["x."] * (captions - sum(len(e["captions"]) for e in part[:-1])))
+        by_split[split], low = part, low + ids
+    entries = [e for part in by_split.values() for e in part]
+    derived, note = data.split_by_id_ranges(entries, "caption_all.json", "get it")
+    assert [e["split"] for e in derived] == [s for s, part in by_split.items() for _ in part]
+    assert "train 1..11,003, val 11,004..12,003, test 12,004..13,003" in note and "exactly the published" in note
+    with pytest.raises(data.DataError, match=r"^caption_all\.json: no reid_raw\.json beside it, and the ids .* do "
+                                             r"not give the published split: test 1,000 ids / 3,073 images / 5,146 captions"):
+        data.split_by_id_ranges(entries[:-1], "caption_all.json", "get it")
+
+
+def test_caption_all_is_read_when_reid_raw_is_absent(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.PUBLISHED, "CUHK-PEDES", {"train": (3, 6, 9), "val": (1, 2, 3), "test": (2, 4, 6)})
+    entries = caption_all_entries(3, 1, 2)
+    write_dataset(tmp_path, "CUHK-PEDES", entries)
+    os.rename(tmp_path / "CUHK-PEDES/reid_raw.json", tmp_path / "CUHK-PEDES/caption_all.json")
+    dataset = data.load_dataset("CUHK-PEDES", str(tmp_path))
+    assert dataset.train.num_identities == 3 and len(dataset.train.captions) == 9
+    assert dataset.val.image_pids.tolist() == [4, 4] and dataset.test.image_pids.tolist() == [5, 5, 6, 6]
+    assert dataset.report[0].startswith("CUHK-PEDES: reid_raw.json not found; the split was derived from the ids "
+                                        "of caption_all.json (train 1..3, val 4..4, test 5..6)")
+    assert dataset.published is True
+
+    (tmp_path / "CUHK-PEDES/caption_all.json").write_text(json.dumps(entries[:-1]))  # one image short
+    with pytest.raises(data.DataError, match=r"caption_all\.json: no reid_raw\.json beside it.*test 2 ids / 3 "
+                                             r"images / 4 captions \(published 2 / 4 / 6\)\. Get CUHK-PEDES .* put "
+                                             r"its annotations at .*reid_raw\.json"):
+        data.load_dataset("CUHK-PEDES", str(tmp_path))
+    (tmp_path / "CUHK-PEDES/caption_all.json").write_text(json.dumps(entries)[:-5])
+    with pytest.raises(data.DataError, match=r"caption_all\.json: malformed JSON"):
+        data.load_dataset("CUHK-PEDES", str(tmp_path))
+
+
 def test_missing_folder_or_file_says_where_to_get_the_dataset(cuhk):
     with pytest.raises(data.DataError, match=r"RSTPReid: dataset folder not found.*NjtechCVLab"):
         data.load_dataset("RSTPReid", str(cuhk))

@@ -232,6 +232,9 @@ def test_run_folder_and_evaluate_py_on_the_checkpoint(setup, tmp_path, capsys, m
     assert "epoch 2/2  step 2/4  loss" in printed and "epoch 2/2  step 4/4  loss" in printed and "pairs/s  ETA" in printed
     assert "precision fp32" in printed
     test_metrics = json.loads((out / "test_metrics.json").read_text())
+    # A tiny copy is not the published CUHK-PEDES: said at the start, in the log and beside the numbers.
+    assert "CUHK-PEDES: NOT the published set" in printed and log[0]["published_set"] is False
+    assert test_metrics["published_set"] is False and test_metrics["data_verdict"] == log[0]["verdict"]
 
     model, checkpoint = evaluate.load_checkpoint(str(out / "best.pt"))
     assert checkpoint["method"] == "cskt" and checkpoint["epoch"] == test_metrics["epoch"] - 1
