@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile
 from torch.utils.data import DataLoader, DistributedSampler
 
 import clip_min
@@ -548,13 +548,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # RGB, L, 1, P, CMYK (Pillow undoes Adobe's inverted JPEGs), YCbCr
 
 
-def load_image(path: str) -> Image.Image:
-    """The image at `path` as 8-bit RGB. Decodes the whole file, so one cut short fails here."""
+def decode_image(path: str) -> tuple[Image.Image, bool]:
+    """The image at `path` as 8-bit RGB, decoded in full, and whether the file was cut short.
+
+    A file cut short is decoded as IRRA's and TBPS-CLIP's pipelines decode it, which set Pillow's
+    LOAD_TRUNCATED_IMAGES: what is missing comes out grey (JPEG) or black (PNG). Only when the strict
+    decode fails is it retried so; the flag is Pillow's global, on for that one read (header reads on
+    other threads do not consult it). A file that fails even then raises DataError.
+    """
     try:
         with Image.open(path) as image:
-            return to_rgb(image)
+            return to_rgb(image), False
     except READ_ERRORS as e:
-        raise DataError(f"{path}: unreadable image: {why_unreadable(e)}") from e
+        strict_error = e
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image), True
+    except READ_ERRORS:
+        raise DataError(f"{path}: unreadable image: {why_unreadable(strict_error)}") from strict_error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def load_image(path: str) -> Image.Image:
+    """The image at `path` as 8-bit RGB (decode_image without saying whether it was cut short)."""
+    return decode_image(path)[0]
 
 
 class CaptionImageDataset(torch.utils.data.Dataset):
@@ -575,9 +594,9 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             # No generator: torch's RNG of the worker process, which the DataLoader seeds from its
             # generator (or the main process's RNG without workers), like the image augmentation.
             ids = mask_caption_ids(ids[None])[0]
-        image = load_image(self.split.image_paths[self.split.image_index[i]])
-        return {"images": self.transform(image), "ids": ids,
-                "pids": self.split.pids[i], "image_index": self.split.image_index[i]}
+        image, cut_short = decode_image(self.split.image_paths[self.split.image_index[i]])
+        return {"images": self.transform(image), "ids": ids, "pids": self.split.pids[i],
+                "image_index": self.split.image_index[i], "cut_short": torch.tensor(cut_short)}
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -590,7 +609,10 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[i]))
+        image, cut_short = decode_image(self.paths[i])
+        if cut_short:  # said each time it is read: a gallery is read once per evaluation
+            print(f"data.py: {self.paths[i]}: file cut short, decoded with its missing part filled", file=sys.stderr)
+        return self.transform(image)
 
 
 PREFETCH = 4  # batches each worker keeps ready; images are small, decoding is the bottleneck
@@ -843,9 +865,10 @@ def check(name: str, root: str) -> int:
     except DataError as e:  # nothing readable: that one problem is all there is to say
         found = Annotations("", [], [str(e)], {}, [], [])
     entries, problems = found.entries, found.problems
+    cut_short = []  # entries whose image file was cut short: decoded, as the authors' pipelines do
     for n, entry in enumerate(entries, start=1):
         try:
-            load_image(entry.image)  # the whole file: one cut short passes the header read
+            cut_short += [entry.index] * decode_image(entry.image)[1]  # the whole file, not just its header
         except DataError as e:
             problems.append(str(e))
         if n % PROGRESS_EVERY == 0:
@@ -863,6 +886,9 @@ def check(name: str, root: str) -> int:
             print(line)
     for line in found.notes:
         print(line)
+    if cut_short:
+        print(f"{len(cut_short):,} image file(s) cut short ({entry_list(cut_short)}): training and evaluation "
+              "decode them with the missing part filled, as IRRA's and TBPS-CLIP's pipelines do")
     for problem in problems:
         print(problem)
     if found.path:

@@ -449,7 +449,9 @@ def run(args: argparse.Namespace) -> None:
         if world_size > 1:
             loader.sampler.set_epoch(epoch)
         window, window_steps, window_started = {}, 0, time.time()  # losses summed on the device
+        cut_short = 0  # image files cut short, decoded as the authors' pipelines decode them
         for step, batch in enumerate(loader, 1):
+            cut_short += int(batch["cut_short"].sum())  # a CPU tensor from the loader: no device sync
             images, ids, pids = (batch[k].to(device, non_blocking=True) for k in ("images", "ids", "pids"))
             # fp32 master weights under autocast (the authors cast the weights to fp16 and ran Adam
             # on them, with neither a master copy nor loss scaling).
@@ -477,6 +479,9 @@ def run(args: argparse.Namespace) -> None:
                 record(entry)
                 window, window_steps, window_started = {}, 0, time.time()
         scheduler.step()
+        if cut_short:
+            log(f"epoch {epoch + 1}: {cut_short:,} training image(s) read from files cut short, decoded with the "
+                "missing part filled (python data.py --check names them)")
 
         # --- evaluate on val, keep the best, save ---------------------------------------------------
         if is_main:

@@ -1,6 +1,7 @@
 """data.py: the three readers on tiny fixtures in their published formats, every bad-input case,
 --check, transforms and loaders and caption masking statistics (the demo sets: test_demo.py)."""
 
+import io
 import json
 import os
 import re
@@ -318,7 +319,22 @@ def test_image_paths_stay_inside_imgs(cuhk):
     assert train.image_paths[2] == str(cuhk / "CUHK-PEDES/imgs/CUHK01/003.png")
 
 
-def test_unreadable_image_stops_loading_and_a_truncated_one_fails_when_decoded(cuhk):
+def undecodable_jpeg(pixels, path):
+    """Writes the shortest start of a JPEG of `pixels` whose header reads but which no decoding copes
+    with, even with the missing part filled (cut inside its entropy-coding tables)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    for n in range(len(buffer.getvalue())):
+        path.write_bytes(buffer.getvalue()[:n])
+        if data.image_problem(str(path)) is None:
+            try:
+                data.decode_image(str(path))
+            except data.DataError:
+                return
+    raise AssertionError("every header that reads also decodes")
+
+
+def test_unreadable_image_stops_loading_and_a_truncated_one_is_decoded_as_the_authors_decode_it(cuhk, capsys):
     broken = cuhk / "CUHK-PEDES/imgs/test_query/031.png"  # a test image: found before any training
     broken.write_bytes(b"<html>not a png at all</html>")
     with pytest.raises(data.DataError, match=rf"entry 6: unreadable image '{re.escape(str(broken))}': "
@@ -329,16 +345,35 @@ def test_unreadable_image_stops_loading_and_a_truncated_one_fails_when_decoded(c
         data.load_dataset("CUHK-PEDES", str(cuhk))
     write_dataset(cuhk, "CUHK-PEDES", cuhk_entries())
 
-    # Cut short after its header: reading the header cannot tell, decoding does.
+    # Cut short after its header: reading the header cannot tell; decoding fills the rest, as Pillow's
+    # LOAD_TRUNCATED_IMAGES (which IRRA and TBPS-CLIP set) does, and says so.
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)
     truncated = cuhk / "CUHK-PEDES/imgs/CUHK01/003.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(truncated)
-    truncated.write_bytes(truncated.read_bytes()[:200])
+    Image.fromarray(pixels).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    jpeg = cuhk / "CUHK-PEDES/imgs/test_query/030.png"  # a JPEG under another name, as Pillow reads either
+    Image.fromarray(pixels).save(jpeg, format="JPEG")
+    jpeg.write_bytes(jpeg.read_bytes()[:-300])
     dataset = data.load_dataset("CUHK-PEDES", str(cuhk))
+    image, cut_short = data.decode_image(str(truncated))
+    assert cut_short and image.size == (32, 64)
+    rows = np.asarray(image)  # [H, W, 3]
+    assert np.array_equal(rows[0], pixels[0]) and not rows[-1].any()  # the rows it holds, then black
+    assert not data.decode_image(str(cuhk / "CUHK-PEDES/imgs/CUHK03/012.png"))[1]
+    assert data.decode_image(str(jpeg))[1] and not Image.open(jpeg).size == (0, 0)
+    assert not data.ImageFile.LOAD_TRUNCATED_IMAGES  # Pillow's flag is on only for the retry
+
     transform = data.build_transform((32, 16))
-    with pytest.raises(data.DataError, match=re.escape(str(truncated)) + ": unreadable image: .*truncated"):
-        data.CaptionImageDataset(dataset.train, transform)[4]
-    with pytest.raises(data.DataError, match=re.escape(str(truncated))):
-        data.ImageList(dataset.train.image_paths, transform)[2]
+    samples = data.CaptionImageDataset(dataset.train, transform)
+    assert samples[4]["cut_short"].item() and not samples[0]["cut_short"].item()
+    batch = next(iter(data.train_loader(dataset.train, (32, 16), batch_size=7, workers=0, augment=False)))
+    assert batch["cut_short"].sum().item() == 2  # the two captions of the image cut short
+    data.ImageList(dataset.test.image_paths, transform)[0]
+    assert f"{jpeg}: file cut short, decoded" in capsys.readouterr().err
+
+    undecodable_jpeg(pixels, truncated)
+    with pytest.raises(data.DataError, match=re.escape(str(truncated)) + ": unreadable image: "):
+        samples[4]
 
 
 def test_image_problems_keep_the_order_across_chunks_and_threads(tmp_path):
@@ -462,10 +497,11 @@ def test_check_reports_every_problem(cuhk, capsys):
     report = run_check(cuhk)
     assert report.returncode == 1
     expected = ["entry 1: 'captions' is an empty list", "entry 3: image not found", "entry 5: unreadable image",
-                "entry 8: image path '../reid_raw.json' is not inside", "020.png: unreadable image"]
+                "entry 8: image path '../reid_raw.json' is not inside"]
     lines = [line for line in report.stdout.splitlines() if line.startswith(str(cuhk))]
     assert len(lines) == len(expected) and all(e in line for e, line in zip(expected, lines)), report.stdout
-    assert "5 problem(s)" in report.stdout
+    assert "4 problem(s)" in report.stdout
+    assert "\n1 image file(s) cut short (entry 4): training and evaluation decode them" in report.stdout
     # What the authors' readers accept is reported under its split, not counted as a problem.
     assert re.search(r"\ntest\s+1\s+1\s+2\s+1\ntrain: 1 entry repeats an image of an earlier entry under the "
                      r"same id \(entries 0 and 7 .*\ntrain: 1 caption\(s\) with no words once cleaned \(entry 2\)",

@@ -3,13 +3,16 @@ the authors' recipe, checkpoints, exact and honest resume, run folders that are 
 every bad flag as one line, durable saves, the fp16 and bf16 paths, DDP on CPU, evaluate.py."""
 
 import errno
+import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +20,7 @@ from PIL import Image
 import clip_min
 import evaluate
 import train
+from test_data import undecodable_jpeg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
@@ -428,8 +432,16 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_clear_line(setup, tmp_pat
     root = tmp_path / "data"
     shutil.copytree(setup[0] / "CUHK-PEDES", root / "CUHK-PEDES")
     broken = root / "CUHK-PEDES" / "imgs" / "train" / "003_1.png"
-    broken.write_bytes(broken.read_bytes()[:60])  # the header reads, the pixels do not
-    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run"),
+    original = broken.read_bytes()
+    broken.write_bytes(original[:len(original) // 2])  # cut short: decoded as the authors' pipelines do
+    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run", "--epochs", "1",
+               "--warmup-epochs", "0"), "--root", str(root), "--workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"epoch 1: \d+ training image\(s\) read from files cut short", result.stdout), result.stdout
+
+    undecodable_jpeg(np.asarray(Image.open(io.BytesIO(original)).convert("RGB")), broken)  # header reads, pixels not
+    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run2"),
                "--root", str(root), "--workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
