@@ -521,6 +521,23 @@ def test_transform_shapes_and_normalisation():
     assert data.build_transform((64, 32), train=True)(image).shape == (3, 64, 32)
 
 
+def test_the_training_transform_gives_irras_numbers_from_the_same_random_draws():
+    """Ours flips, pads and crops the 8-bit tensor rather than the PIL image: bit for bit IRRA's
+    Compose (resize, flip, pad, crop, ToTensor, Normalize, erasing), seed for seed."""
+    import torchvision.transforms as T
+    irra = T.Compose([T.Resize((64, 32)), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop((64, 32)),
+                      T.ToTensor(), T.Normalize(mean=data.CLIP_MEAN, std=data.CLIP_STD),
+                      T.RandomErasing(scale=(0.02, 0.4), value=data.CLIP_MEAN)])
+    ours = data.build_transform((64, 32), train=True)
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        image = Image.fromarray(rng.integers(0, 256, (rng.integers(40, 120), rng.integers(20, 60), 3), dtype=np.uint8))
+        torch.manual_seed(seed)
+        expected = irra(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(image), expected), seed
+
+
 def test_samples_and_loaders(cuhk):
     torch.manual_seed(0)
     dataset = data.load_dataset("CUHK-PEDES", str(cuhk))
