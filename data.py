@@ -500,12 +500,8 @@ def build_transform(image_size: tuple[int, int] = (384, 128), train: bool = Fals
     # Erasing comes after Normalize, so "fill with the mean values" writes those raw numbers into
     # normalised space (not the mean colour, which would be 0). Both methods trained that way.
     erase = T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=CLIP_MEAN)
-    # IRRA flips, pads and crops the PIL image, then converts it; here the 8-bit tensor is flipped,
-    # padded and cropped, then scaled to 0..1 as ToTensor scales it: the same numbers from the same
-    # random draws, with 0.4 ms less per 384x128 image (tests/benchmark.py replica).
-    return T.Compose([resize, T.PILToTensor(), T.RandomHorizontalFlip(0.5), T.Pad(PAD, fill=0),
-                      T.RandomCrop(image_size), T.ConvertImageDtype(torch.float32),
-                      T.Normalize(CLIP_MEAN, CLIP_STD), erase])
+    return T.Compose([resize, T.RandomHorizontalFlip(0.5), T.Pad(PAD, fill=0), T.RandomCrop(image_size),
+                      *to_input, erase])
 
 
 MASK_TOKEN = 49405  # <|mask|>: IRRA takes over the last BPE merge's id for it

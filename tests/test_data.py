@@ -522,8 +522,8 @@ def test_transform_shapes_and_normalisation():
 
 
 def test_the_training_transform_gives_irras_numbers_from_the_same_random_draws():
-    """Ours flips, pads and crops the 8-bit tensor rather than the PIL image: bit for bit IRRA's
-    Compose (resize, flip, pad, crop, ToTensor, Normalize, erasing), seed for seed."""
+    """Bit for bit IRRA's Compose (resize, flip, pad, crop, ToTensor, Normalize, erasing), seed for
+    seed: the replica benchmark compares the two on the same files, and they must do the same work."""
     import torchvision.transforms as T
     irra = T.Compose([T.Resize((64, 32)), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop((64, 32)),
                       T.ToTensor(), T.Normalize(mean=data.CLIP_MEAN, std=data.CLIP_STD),
