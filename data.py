@@ -900,8 +900,9 @@ def check(name: str, root: str) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Check a person-retrieval dataset, or draw the demo sets.")
     parser.add_argument("--check", metavar="NAME", choices=list(DATASETS),
-                        help=f"scan dataset NAME ({', '.join(DATASETS)}), open every image, report every "
-                             "problem with counts per split; exit status 1 if there is any")
+                        help=f"scan dataset NAME ({', '.join(DATASETS)}), decode every image, report every "
+                             "problem with counts per split and whether they are the published ones; exit "
+                             "status 1 if there is any problem (a copy that differs is not one)")
     parser.add_argument("--make-demo", action="store_true",
                         help="draw demo and demo-pretrain under --root (unless they are up to date)")
     parser.add_argument("--root", default="data",
