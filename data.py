@@ -23,6 +23,10 @@ by the same reader (section "The synthetic demo sets").
 
 Bad data is never dropped: every problem raises DataError, one line naming the file and entry,
 before any training: load_dataset tokenizes every caption and reads the header of every image.
+What the authors' readers accept (an image in two entries, a caption with no words, ids with
+gaps) is read as they read it and reported once per split (Dataset.report), and the copy is
+compared with the published counts (Dataset.verdict). CUHK-PEDES without reid_raw.json is read from
+the archive's caption_all.json, split by id ranges (split_by_id_ranges).
 `python data.py --check NAME --root DIR` reports every problem of a dataset at once, and decodes
 every image in full.
 """
@@ -37,12 +41,12 @@ import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile
 from torch.utils.data import DataLoader, DistributedSampler
 
 import clip_min
@@ -111,6 +115,9 @@ class Dataset:
     train: TrainSplit
     val: EvalSplit | None
     test: EvalSplit
+    report: list[str] = field(default_factory=list)  # what was odd but usable, one line per kind and split
+    published: bool | None = None  # whether the copy is the published set (None: no published counts)
+    verdict: str = ""  # one line: matches the published set, or how it differs and the likely cause
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +131,9 @@ class Entry:
     pid: int
     image: str  # absolute path, inside <root>/<name>/imgs/
     captions: list[str]
-    tokens: list[list[int]]  # the BPE ids of each caption, without SOT and EOT; never empty
+    tokens: list[list[int]]  # the BPE ids of each caption, without SOT and EOT; empty if it has no words
+    index: int  # its position in the annotation file
+    relative: str  # the image path as the file writes it
 
 
 # What Pillow raises on a file it cannot read: the errors its own Image.open takes to mean "not this
@@ -166,7 +175,79 @@ def image_problems(images: list[str]) -> list[str | None]:
         return [problem for chunk in found for problem in chunk]
 
 
-def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
+# The published counts per split, (identities, images, captions), that a copy on disk is compared
+# with: CUHK-PEDES as its authors' reid_raw.json gives them, ICFG-PEDES one caption per image.
+PUBLISHED = {
+    "CUHK-PEDES": {"train": (11_003, 34_054, 68_126), "val": (1_000, 3_078, 6_158), "test": (1_000, 3_074, 6_156)},
+    "ICFG-PEDES": {"train": (3_102, 34_674, 34_674), "test": (1_000, 19_848, 19_848)},
+    "RSTPReid": {"train": (3_701, 18_505, 37_010), "val": (200, 1_000, 2_000), "test": (200, 1_000, 2_000)},
+}
+RSTPREID_OLD_IDS = {"train": 3_901, "val": 100, "test": 100}  # the first release, since withdrawn
+CAPTION_ALL = "caption_all.json"  # what the CUHK-PEDES archive ships: reid_raw.json without "split"
+
+
+def read_json(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            annotations = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    if not isinstance(annotations, list):
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(annotations).__name__}")
+    return annotations
+
+
+def split_by_id_ranges(annotations: list, path: str, get_it: str) -> tuple[list, str]:
+    """CUHK-PEDES's caption_all.json with the split of each entry derived from its id, as reid_raw.json
+    splits it: train ids 1..11,003, val the next 1,000, test the next 1,000; and a line saying so.
+    Used only if the derived counts per split are the published ones, since nothing else in the
+    file tells the split: otherwise DataError, saying to get reid_raw.json."""
+    bounds, low = {}, 1
+    for split, (ids, _, _) in PUBLISHED["CUHK-PEDES"].items():  # train, val, test, in id order
+        bounds[split], low = (low, low + ids - 1), low + ids
+    found = {split: (set(), [0], [0]) for split in bounds}  # ids, images, captions
+    derived = []
+    for entry in annotations:
+        pid = entry.get("id") if isinstance(entry, dict) else None
+        split = next((split for split, (first, last) in bounds.items()
+                      if isinstance(pid, int) and not isinstance(pid, bool) and first <= pid <= last), None)
+        if split:
+            entry = {**entry, "split": split}
+            found[split][0].add(pid)
+            found[split][1][0] += 1
+            found[split][2][0] += len(entry["captions"]) if isinstance(entry.get("captions"), list) else 0
+        derived.append(entry)
+    counts = {split: (len(ids), images[0], captions[0]) for split, (ids, images, captions) in found.items()}
+    ranges = ", ".join(f"{split} {first:,}..{last:,}" for split, (first, last) in bounds.items())
+    if counts != PUBLISHED["CUHK-PEDES"]:
+        raise DataError(f"{path}: no reid_raw.json beside it, and the ids of this file ({ranges}) do not give the "
+                        f"published split: {count_differences(counts, PUBLISHED['CUHK-PEDES'])}. {get_it}")
+    return derived, (f"CUHK-PEDES: reid_raw.json not found; the split was derived from the ids of "
+                     f"{CAPTION_ALL} ({ranges}), which give exactly the published counts")
+
+
+def count_differences(counts: dict, published: dict) -> str:
+    """'train 3 ids / 4 images / 7 captions (published 11,003 / 34,054 / 68,126); ...' for the splits that differ."""
+    return "; ".join(f"{split} {ids:,} ids / {images:,} images / {captions:,} captions (published "
+                     f"{' / '.join(f'{n:,}' for n in published[split])})"
+                     for split in published for ids, images, captions in [counts.get(split, (0, 0, 0))]
+                     if (ids, images, captions) != published[split])
+
+
+@dataclass
+class Annotations:
+    """What read_annotations found in an annotation file."""
+    path: str
+    entries: list[Entry]  # the valid ones
+    problems: list[str]   # one line each, in file order
+    counts: dict[str, tuple[int, int, int]]  # per split, (ids, images, captions) of entries with every field right
+    missing: list[tuple[int, str]]  # (entry, path as written) of each image not found
+    notes: list[str]      # what was done to read it
+
+
+def read_annotations(name: str, root: str) -> Annotations:
     """The valid entries of <root>/<name>/<annotation>, and one line per problem found, in file order.
 
     Every entry is checked, every caption tokenized and the header of every image read, so that
@@ -180,24 +261,22 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
     get_it = f"Get {name} ({info.source}); put its annotations at {path}, its images under {folder}/imgs/"
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: dataset folder not found. {get_it}")
-    if not os.path.isfile(path):
+    notes = []
+    if name == "CUHK-PEDES" and not os.path.isfile(path) and os.path.isfile(os.path.join(folder, CAPTION_ALL)):
+        path = os.path.join(folder, CAPTION_ALL)
+        annotations, note = split_by_id_ranges(read_json(path), path, get_it)
+        notes.append(note)
+    elif not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found. {get_it}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            annotations = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
-    if not isinstance(annotations, list):
-        raise DataError(f"{path}: expected a JSON list of entries, got {type(annotations).__name__}")
+    else:
+        annotations = read_json(path)
 
     imgs = os.path.abspath(os.path.join(folder, "imgs"))
     tokenizer = clip_min.default_tokenizer()
     required = {"split": str, "id": int, info.image_field: str, "captions": list}
     candidates: list[tuple[int, Entry]] = []  # (index, entry) with all fields right; image not yet opened
     problems: list[tuple[int, str]] = []      # (index of the entry at fault, the line)
-    first_entry: dict[str, int] = {}          # image -> index of the first entry naming it
+    counted: dict[str, list[tuple[int, int]]] = {}  # split -> (id, captions) of each entry with every field right
     for i, entry in enumerate(annotations):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):
@@ -225,38 +304,116 @@ def read_annotations(name: str, root: str) -> tuple[list[Entry], list[str]]:
         for k, text in enumerate(entry["captions"]):
             if not isinstance(text, str):
                 found.append(f"{where}: caption {k} should be str, got {type(text).__name__}")
-            elif not (caption_tokens := tokenizer.encode(text)):  # blank, control characters, markup
-                found.append(f"{where}: caption {k} has no words once cleaned: {text[:40]!r}")
-            else:
-                tokens.append(caption_tokens)
+            else:  # a caption that cleans to nothing (blank, markup) is [SOT, EOT], as in IRRA's reader
+                tokens.append(tokenizer.encode(text))
         # Paths are taken as written, normalised: "a/../b.jpg" and "b.jpg" are one image. Links are
         # not resolved, since imgs/ itself is often a link to where the images are kept.
         image = os.path.normpath(os.path.join(imgs, relative))
         if not image.startswith(imgs + os.sep):  # absolute, or "../" out of imgs/
             found.append(f"{where}: image path {relative!r} is not inside {imgs}{os.sep}")
-        elif image in first_entry:  # a doubled test query, or ground truth with two answers
-            j = first_entry[image]
-            other = annotations[j]["id"]
-            found.append(f"{where}: duplicate of entry {j} (same image {relative!r}, same id {pid})"
-                         if other == pid else
-                         f"{where}: image {relative!r} is also in entry {j}, under id {other} (here {pid})")
-        else:
-            first_entry[image] = i
         problems += [(i, line) for line in found]
         if not found:
-            candidates.append((i, Entry(split, pid, image, entry["captions"], tokens)))
+            counted.setdefault(split, []).append((pid, len(entry["captions"])))
+            candidates.append((i, Entry(split, pid, image, entry["captions"], tokens, i, relative)))
 
-    entries = []
+    entries, missing = [], []
     for (i, entry), problem in zip(candidates, image_problems([entry.image for _, entry in candidates])):
         if problem:
             problems.append((i, f"{path}: entry {i}: {problem}"))
+            if problem.startswith("image not found"):
+                missing.append((i, entry.relative))
         else:
             entries.append(entry)
     present = {e.split for e in entries}
     needed = ("train", "val", "test") if info.has_val else ("train", "test")
     problems += [(len(annotations), f"{path}: no valid '{split}' entries")
                  for split in needed if split not in present]
-    return entries, [line for _, line in sorted(problems, key=lambda problem: problem[0])]
+    counts = {split: (len({pid for pid, _ in part}), len(part), sum(n for _, n in part))
+              for split, part in counted.items()}
+    return Annotations(path, entries, [line for _, line in sorted(problems, key=lambda problem: problem[0])],
+                       counts, missing, notes)
+
+
+def missing_images(missing: list[tuple[int, str]], imgs: str) -> str:
+    """'7,112 images missing, all under Market/ and train_query/: this copy lacks those folders', or
+    the count under each top-level folder when some of a folder's images are there."""
+    per_folder: dict[str, int] = {}
+    for _, relative in missing:
+        top = os.path.normpath(relative).split(os.sep)[0] + "/"
+        per_folder[top] = per_folder.get(top, 0) + 1
+    folders = sorted(per_folder)
+    said = f"{len(missing):,} image{'s' * (len(missing) != 1)} missing"
+    if not any(os.path.isdir(os.path.join(imgs, top)) for top in folders):
+        names = folders[0] if len(folders) == 1 else ", ".join(folders[:-1]) + " and " + folders[-1]
+        lacks = "that folder" if len(folders) == 1 else "those folders"
+        return f"{said}, all under {names}: this copy lacks {lacks}"
+    return f"{said}: " + ", ".join(f"{per_folder[top]:,} under {top}" for top in folders)
+
+
+def verdict(name: str, found: Annotations) -> tuple[bool | None, str]:
+    """Whether the copy on disk is the published set (None: no published counts), and one line
+    saying so or how it differs and the likely cause. A copy that differs still trains (a subset
+    may be on purpose), but its results cannot be compared with the papers'."""
+    if name not in PUBLISHED:
+        return None, f"{name}: {DATASETS[name].source}; no published counts to compare with"
+    published, counts = PUBLISHED[name], found.counts
+    differences = count_differences(counts, published)
+    if not differences and not found.missing:
+        return True, (f"{name}: matches the published set (" + "; ".join(
+            f"{split} {' / '.join(f'{n:,}' for n in published[split])}" for split in published)
+            + " ids / images / captions)")
+    causes = []
+    if found.missing:
+        causes.append(missing_images(found.missing, os.path.join(os.path.dirname(found.path), "imgs")))
+    if name == "RSTPReid" and {split: ids for split, (ids, _, _) in counts.items()} == RSTPREID_OLD_IDS:
+        causes.append("this is the older release's 3,901/100/100 split, which its maintainers withdrew: "
+                      "download it again from github.com/NjtechCVLab/RSTPReid-Dataset")
+    elif differences:
+        entries, expected = (sum(c[1] for c in d.values()) for d in (counts, published))
+        causes.append(f"{abs(entries - expected):,} {'fewer' if entries < expected else 'more'} entries than "
+                      "published" if entries != expected else "as many entries as published, split otherwise")
+    return False, (f"{name}: NOT the published set ({differences or 'every entry listed'}); likely cause: "
+                   f"{'; '.join(causes)}. It trains, but its results cannot be compared with the papers'")
+
+
+SHOWN = 3  # entries named per oddity; the count says how many there are
+
+
+def entry_list(indexes: list[int]) -> str:
+    """'entries 7, 20, 31 and 4 more' for the first SHOWN of the entry indexes."""
+    shown = ", ".join(str(i) for i in indexes[:SHOWN])
+    more = f" and {len(indexes) - SHOWN:,} more" if len(indexes) > SHOWN else ""
+    return f"entr{'y' if len(indexes) == 1 else 'ies'} {shown}{more}"
+
+
+def oddities(split: str, entries: list[Entry]) -> list[str]:
+    """One line per kind of oddity in the entries of one split that the authors' readers (IRRA's,
+    which CSKT and DM-Adapter reuse) take as they are, and so do we: an image in several entries
+    (each stays an entry of its own: a training image, or a gallery item and its queries), a
+    caption with no words once cleaned (it becomes [SOT, EOT]), training ids with gaps (remapped)."""
+    lines, first = [], {}  # first: image -> the first entry naming it
+    same_id, other_id = [], []
+    for e in entries:
+        if e.image in first:
+            (same_id if first[e.image].pid == e.pid else other_id).append(e)
+        else:
+            first[e.image] = e
+    for found, how in ((same_id, "under the same id"), (other_id, "under another id")):
+        if found:
+            pairs = [f"{first[e.image].index} and {e.index} ({e.relative!r})" for e in found[:SHOWN]]
+            more = f" and {len(found) - SHOWN:,} more" if len(found) > SHOWN else ""
+            lines.append(f"{split}: {len(found):,} entr{'y repeats' if len(found) == 1 else 'ies repeat'} an "
+                         f"image of an earlier entry {how} (entries {', '.join(pairs)}{more}); each is "
+                         "kept as an entry of its own, as IRRA's reader keeps it")
+    empty = [e.index for e in entries for tokens in e.tokens if not tokens]
+    if empty:
+        lines.append(f"{split}: {len(empty):,} caption(s) with no words once cleaned ({entry_list(empty)}); "
+                     "each is read as an empty caption (SOT, EOT), as IRRA's tokenizer reads it")
+    pids = sorted({e.pid for e in entries})
+    if split == "train" and pids and pids[-1] - pids[0] + 1 != len(pids):
+        lines.append(f"train: {len(pids):,} ids between {pids[0]} and {pids[-1]}, not contiguous; remapped to "
+                     f"0..{len(pids) - 1} in sorted order")
+    return lines
 
 
 def caption_ids(tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
@@ -306,13 +463,22 @@ def load_dataset(name: str, root: str) -> Dataset:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name in DEMO_SIZES:
         make_demo(name, root)  # the last section of this file
-    entries, problems = read_annotations(name, root)
+    found = read_annotations(name, root)
+    entries, problems = found.entries, found.problems
+    if len(found.missing) > 1:  # a folder left out of the copy, said at once rather than image by image
+        i, relative = found.missing[0]
+        imgs = os.path.join(os.path.dirname(found.path), "imgs")
+        raise DataError(f"{found.path}: entry {i} and more: {missing_images(found.missing, imgs)} (first "
+                        f"{relative!r}); get the complete image archive ({DATASETS[name].source})")
     if problems:
         more = f" (and {len(problems) - 1} more: python data.py --check {name} --root {root})"
         raise DataError(problems[0] + (more if len(problems) > 1 else ""))
     by_split = {split: [e for e in entries if e.split == split] for split in ("train", "val", "test")}
     val = eval_split(by_split["val"]) if DATASETS[name].has_val else None
-    return Dataset(name, root, train_split(by_split["train"]), val, eval_split(by_split["test"]))
+    report = found.notes + [f"{name} {line}" for split, part in by_split.items() for line in oddities(split, part)]
+    published, said = verdict(name, found)
+    return Dataset(name, root, train_split(by_split["train"]), val, eval_split(by_split["test"]), report,
+                   published, said)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,13 +547,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # RGB, L, 1, P, CMYK (Pillow undoes Adobe's inverted JPEGs), YCbCr
 
 
-def load_image(path: str) -> Image.Image:
-    """The image at `path` as 8-bit RGB. Decodes the whole file, so one cut short fails here."""
+def decode_image(path: str) -> tuple[Image.Image, bool]:
+    """The image at `path` as 8-bit RGB, decoded in full, and whether the file was cut short.
+
+    A file cut short is decoded as IRRA's and TBPS-CLIP's pipelines decode it, which set Pillow's
+    LOAD_TRUNCATED_IMAGES: what is missing comes out grey (JPEG) or black (PNG). Only when the strict
+    decode fails is it retried so; the flag is Pillow's global, on for that one read (header reads on
+    other threads do not consult it). A file that fails even then raises DataError.
+    """
     try:
         with Image.open(path) as image:
-            return to_rgb(image)
+            return to_rgb(image), False
     except READ_ERRORS as e:
-        raise DataError(f"{path}: unreadable image: {why_unreadable(e)}") from e
+        strict_error = e
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image), True
+    except READ_ERRORS:
+        raise DataError(f"{path}: unreadable image: {why_unreadable(strict_error)}") from strict_error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def load_image(path: str) -> Image.Image:
+    """The image at `path` as 8-bit RGB (decode_image without saying whether it was cut short)."""
+    return decode_image(path)[0]
 
 
 class CaptionImageDataset(torch.utils.data.Dataset):
@@ -408,9 +593,9 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             # No generator: torch's RNG of the worker process, which the DataLoader seeds from its
             # generator (or the main process's RNG without workers), like the image augmentation.
             ids = mask_caption_ids(ids[None])[0]
-        image = load_image(self.split.image_paths[self.split.image_index[i]])
-        return {"images": self.transform(image), "ids": ids,
-                "pids": self.split.pids[i], "image_index": self.split.image_index[i]}
+        image, cut_short = decode_image(self.split.image_paths[self.split.image_index[i]])
+        return {"images": self.transform(image), "ids": ids, "pids": self.split.pids[i],
+                "image_index": self.split.image_index[i], "cut_short": torch.tensor(cut_short)}
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -423,7 +608,10 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[i]))
+        image, cut_short = decode_image(self.paths[i])
+        if cut_short:  # said each time it is read: a gallery is read once per evaluation
+            print(f"data.py: {self.paths[i]}: file cut short, decoded with its missing part filled", file=sys.stderr)
+        return self.transform(image)
 
 
 PREFETCH = 4  # batches each worker keeps ready; images are small, decoding is the bottleneck
@@ -672,12 +860,14 @@ def check(name: str, root: str) -> int:
     if name in DEMO_SIZES:
         make_demo(name, root)
     try:
-        entries, problems = read_annotations(name, root)
+        found = read_annotations(name, root)
     except DataError as e:  # nothing readable: that one problem is all there is to say
-        entries, problems = [], [str(e)]
+        found = Annotations("", [], [str(e)], {}, [], [])
+    entries, problems = found.entries, found.problems
+    cut_short = []  # entries whose image file was cut short: decoded, as the authors' pipelines do
     for n, entry in enumerate(entries, start=1):
         try:
-            load_image(entry.image)  # the whole file: one cut short passes the header read
+            cut_short += [entry.index] * decode_image(entry.image)[1]  # the whole file, not just its header
         except DataError as e:
             problems.append(str(e))
         if n % PROGRESS_EVERY == 0:
@@ -690,8 +880,18 @@ def check(name: str, root: str) -> int:
             ids, captions = len({e.pid for e in part}), sum(len(e.captions) for e in part)
             cut = caption_ids([t for e in part for t in e.tokens])[1]
             print(f"{split:<6} {ids:>7} {len(part):>7} {captions:>8} {cut:>16}")
+    for split in ("train", "val", "test"):  # taken as the authors' readers take it, and said once
+        for line in oddities(split, [e for e in entries if e.split == split]):
+            print(line)
+    for line in found.notes:
+        print(line)
+    if cut_short:
+        print(f"{len(cut_short):,} image file(s) cut short ({entry_list(cut_short)}): training and evaluation "
+              "decode them with the missing part filled, as IRRA's and TBPS-CLIP's pipelines do")
     for problem in problems:
         print(problem)
+    if found.path:
+        print(verdict(name, found)[1])
     print(f"{len(problems)} problem(s)")
     return len(problems)
 
@@ -700,8 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     import evaluate  # its one-line flag errors, as train.py's and evaluate.py's (it imports this file)
     parser = evaluate.ArgumentParser(description="Check a person-retrieval dataset, or draw the demo sets.")
     parser.add_argument("--check", metavar="NAME", choices=list(DATASETS),
-                        help=f"scan dataset NAME ({', '.join(DATASETS)}), open every image, report every "
-                             "problem with counts per split; exit status 1 if there is any")
+                        help=f"scan dataset NAME ({', '.join(DATASETS)}), decode every image, report every "
+                             "problem with counts per split and whether they are the published ones; exit "
+                             "status 1 if there is any problem (a copy that differs is not one)")
     parser.add_argument("--make-demo", action="store_true",
                         help="draw demo and demo-pretrain under --root (unless they are up to date)")
     parser.add_argument("--root", default="data",

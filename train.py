@@ -441,6 +441,9 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
     if args.data in data.DEMO_SIZES:  # a demo set is drawn on first use, by one process per machine
         once_per_machine(lambda: data.make_demo(args.data, args.root))
     dataset = data.load_dataset(args.data, args.root)
+    for line in dataset.report:  # what the authors' readers accept and so do we, said once per split
+        log(line)
+    log(dataset.verdict)  # whether the numbers of this run can be compared with the papers'
     for split_name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if split is not None and split.num_truncated:
             log(f"{args.data} {split_name}: {split.num_truncated:,} of {len(split.captions):,} captions cut "
@@ -510,6 +513,8 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
             journal.flush()
 
     first_epoch, best = 0, {"epoch": -1, "R1": -1.0}
+    if not args.resume:  # a resumed run keeps the line its start wrote
+        record({"data": args.data, "published_set": dataset.published, "verdict": dataset.verdict})
     if args.resume:
         checkpoint = evaluate.read_checkpoint(args.resume)
         if checkpoint["clip"]["sha256"] != backbone["sha256"]:
@@ -541,7 +546,8 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                      rng=rng_states, log_size=journal.tell()) if resumable else {}
         evaluate.save_checkpoint(os.path.join(args.out, name), model, method=args.method, method_args=method_args,
-                                 data=args.data, args=vars(args), clip=backbone, epoch=epoch, best=best, **state)
+                                 data=args.data, args=vars(args), clip=backbone, epoch=epoch, best=best,
+                                 dataset_check=dataset.verdict, **state)
 
     # --- the loop -------------------------------------------------------------------------------
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, first_epoch + args.stop_after)
@@ -554,7 +560,9 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         if world_size > 1:
             loader.sampler.set_epoch(epoch)
         window, window_steps, window_started = {}, 0, time.time()  # losses summed on the device
+        cut_short = 0  # image files cut short, decoded as the authors' pipelines decode them
         for step, batch in enumerate(loader, 1):
+            cut_short += int(batch["cut_short"].sum())  # a CPU tensor from the loader: no device sync
             images, ids, pids = (batch[k].to(device, non_blocking=True) for k in ("images", "ids", "pids"))
             # fp32 master weights under autocast (the authors cast the weights to fp16 and ran Adam
             # on them, with neither a master copy nor loss scaling).
@@ -582,6 +590,9 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
                 record(entry)
                 window, window_steps, window_started = {}, 0, time.time()
         scheduler.step()
+        if cut_short:
+            log(f"epoch {epoch + 1}: {cut_short:,} training image(s) read from files cut short, decoded with the "
+                "missing part filled (python data.py --check names them)")
 
         # --- evaluate on val, keep the best, save ---------------------------------------------------
         if is_main:
@@ -617,9 +628,10 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         log(f"test (epoch {best_checkpoint['epoch'] + 1}): " + evaluate.format_metrics(results))
         record({"epoch": best_checkpoint["epoch"] + 1, "split": "test", **results})
         with open(os.path.join(args.out, "test_metrics.json"), "w") as file:
-            # What the number was selected on (val R1 at epoch N, or the last epoch without a val split).
-            json.dump({"epoch": best_checkpoint["epoch"] + 1, **evaluate.selection_record(best_checkpoint), **results},
-                      file, indent=2)
+            # What the number was selected on (val R1 at epoch N, or the last epoch without a val split),
+            # and whether the data was the published set (else the numbers compare with no paper's).
+            json.dump({"epoch": best_checkpoint["epoch"] + 1, **evaluate.selection_record(best_checkpoint),
+                       "published_set": dataset.published, **results}, file, indent=2)
         if args.data == "demo":
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}

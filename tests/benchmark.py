@@ -10,6 +10,7 @@
     python tests/benchmark.py train --tiny               # a seconds-long smoke run (what CI runs)
     python tests/benchmark.py memory --method cskt --batch-size 8   # one step's peak memory, with and
                                                          # without activation checkpointing, and its time
+    python tests/benchmark.py replica                    # CUHK-PEDES at its published size (not in CI)
 
 Each prints a table and one JSON line. Weights are random (in OpenAI's layout, built from shapes):
 speed does not depend on their values. On CUDA the training step runs under
@@ -23,6 +24,7 @@ the metric ones read /proc/self/status).
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -511,6 +513,234 @@ def run_moe(args):
 
 
 # -----------------------------------------------------------------------------
+# replica: CUHK-PEDES at its published size and shape, read, checked, loaded and trained on
+
+# (ids, [(images per id, how many ids)], [extra captions of the first images]) per split: the
+# published counts (train 11,003 ids / 34,054 images / 68,126 captions; 4 ids with a single image;
+# 9 images with more than 2 captions), ids 1..13,003 in split order.
+REPLICA_SPLITS = {"train": ([(4, 1053), (3, 9946), (1, 4)], [4, 4, 4, 3, 3]),
+                  "val": ([(4, 78), (3, 922)], [2]),
+                  "test": ([(4, 74), (3, 926)], [3, 3, 2])}
+REPLICA_FOLDERS = {"train": ("cam_a", "cam_b", "CUHK01", "CUHK03", "Market", "train_query"),
+                   "val": ("cam_a", "cam_b", "CUHK01", "CUHK03", "Market"),
+                   "test": ("cam_a", "cam_b", "CUHK01", "CUHK03", "Market", "test_query")}
+REPLICA_WORDS = dict(person=("man", "woman", "young man", "lady", "boy", "girl"),
+                     colour=("black", "white", "red", "blue", "grey", "green", "dark", "light brown", "pink"),
+                     upper=("shirt", "jacket", "t-shirt", "coat", "sweater", "hoodie", "blouse"),
+                     lower=("pants", "jeans", "shorts", "skirt", "trousers"),
+                     extra=("He is carrying a {colour} bag over his shoulder.", "She has long {colour} hair.",
+                            "The person is wearing {colour} shoes and walking away from the camera.",
+                            "There is a {colour} backpack on the back.", "He holds a phone in his hand."))
+
+
+def replica_caption(rng):
+    """A caption of CUHK-PEDES's length (about 23 words, two or three sentences)."""
+    words = {key: rng.choice(values) for key, values in REPLICA_WORDS.items() if key != "extra"}
+    text = (f"A {words['person']} is wearing a {words['colour']} {words['upper']} and "
+            f"{rng.choice(REPLICA_WORDS['colour'])} {words['lower']}.")
+    extras = rng.sample(REPLICA_WORDS["extra"], rng.randint(1, 3))
+    return " ".join([text] + [e.format(colour=rng.choice(REPLICA_WORDS["colour"])) for e in extras])
+
+
+def replica_entries(seed=0):
+    """reid_raw.json's entries of the replica, in split order, each with its image size (W, H)."""
+    import random
+    rng, entries, pid = random.Random(seed), [], 0
+    for split, (groups, extra_captions) in REPLICA_SPLITS.items():
+        first = len(entries)
+        for images, ids in groups:
+            for _ in range(ids):
+                pid += 1
+                folder = rng.choice(REPLICA_FOLDERS[split])
+                for k in range(images):
+                    height = rng.randint(150, 400)  # CUHK-PEDES: 60-200 px wide, 150-400 high
+                    width = min(200, max(60, round(height / rng.uniform(2.0, 3.0))))
+                    entries.append({"split": split, "captions": [replica_caption(rng) for _ in range(2)],
+                                    "file_path": f"{folder}/{pid:05d}_{k}.jpg", "processed_tokens": [],
+                                    "id": pid, "size": (width, height)})
+        for k, extra in enumerate(extra_captions):
+            entries[first + k]["captions"] += [replica_caption(rng) for _ in range(extra)]
+    return entries
+
+
+def write_replica_images(job):
+    """Writes textured JPEGs (a coarse pattern, smoothly scaled, plus sensor noise) for (folder, entries)."""
+    import numpy as np
+    from PIL import Image
+    imgs, entries, seed = job
+    rng = np.random.default_rng(seed)
+    for entry in entries:
+        width, height = entry["size"]
+        coarse = rng.integers(0, 256, (max(2, height // 12), max(2, width // 12), 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
+        pixels += rng.normal(0, 10, pixels.shape)  # [H, W, 3]
+        path = os.path.join(imgs, entry["file_path"])
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_replica(root):
+    """<root>/CUHK-PEDES/ as the published set is laid out: written once (a stamp), then reused."""
+    folder = os.path.join(root, "CUHK-PEDES")
+    stamp = os.path.join(folder, "replica-complete")
+    if os.path.isfile(stamp):
+        return folder
+    entries = replica_entries()
+    imgs = os.path.join(folder, "imgs")
+    for split_folders in REPLICA_FOLDERS.values():
+        for name in split_folders:
+            os.makedirs(os.path.join(imgs, name), exist_ok=True)
+    started = time.perf_counter()
+    jobs = [(imgs, entries[k : k + 1000], k) for k in range(0, len(entries), 1000)]
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(write_replica_images, jobs))
+    with open(os.path.join(folder, "reid_raw.json"), "w") as file:
+        json.dump([{k: v for k, v in e.items() if k != "size"} for e in entries], file)
+    open(stamp, "w").close()
+    print(f"wrote {len(entries):,} JPEGs under {imgs} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return folder
+
+
+def peak_mb():
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KB on Linux
+
+
+def measure_reading(what, root):
+    """Runs in a fresh process: load_dataset, or --check's header pass, or --check in full."""
+    import contextlib
+    import io
+    started = time.perf_counter()
+    if what == "load_dataset":
+        dataset = data.load_dataset("CUHK-PEDES", root)
+        detail = dataset.verdict
+    elif what == "check, headers":
+        detail = f"{len(data.read_annotations('CUHK-PEDES', root).problems)} problem(s)"
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            detail = f"{data.check('CUHK-PEDES', root)} problem(s)"
+    return {"stage": what, "seconds": round(time.perf_counter() - started, 1), "peak_mb": peak_mb(),
+            "detail": detail}
+
+
+def irra_read_image(path):
+    """IRRA's read_image, re-written from its description: check the file exists, open, convert to RGB."""
+    from PIL import Image
+    if not os.path.exists(path):
+        raise OSError(f"{path} does not exist")
+    return Image.open(path).convert("RGB")
+
+
+def irra_train_transform(height, width):
+    """IRRA's training transform (build_transform with aug=True), as its code composes it."""
+    import torchvision.transforms as T
+    return T.Compose([T.Resize((height, width)), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop((height, width)),
+                      T.ToTensor(), T.Normalize(mean=data.CLIP_MEAN, std=data.CLIP_STD),
+                      T.RandomErasing(scale=(0.02, 0.4), value=data.CLIP_MEAN)])
+
+
+def measure_loader(root, pairs, batch_size, image_size):
+    """Runs in a fresh process on one thread (one loader process): pairs/s of our training samples and
+    of IRRA's on the same pairs, batch by batch in turn, and where the time goes in each."""
+    import torchvision.transforms as T
+    from torch.utils.data import default_collate
+    torch.set_num_threads(1)
+    split = data.load_dataset("CUHK-PEDES", root).train
+    ours = data.CaptionImageDataset(split, data.build_transform(image_size, train=True))
+    irra_transform = irra_train_transform(*image_size)
+
+    def irra_sample(i):  # IRRA's ImageTextDataset item, its caption tokenized beforehand as ours is
+        image = irra_transform(irra_read_image(split.image_paths[split.image_index[i]]))
+        return {"pids": split.pids[i], "image_ids": split.image_index[i], "images": image, "caption_ids": split.ids[i]}
+    sample = {"ours": ours.__getitem__, "IRRA": irra_sample}
+    decode = {"ours": lambda path: data.decode_image(path)[0], "IRRA": irra_read_image}
+    transforms = {"ours": ours.transform.transforms, "IRRA": irra_transform.transforms}
+    resize = {name: steps[0] for name, steps in transforms.items()}
+    augment = {name: T.Compose(steps[1:]) for name, steps in transforms.items()}
+
+    order = torch.randperm(len(ours), generator=torch.Generator().manual_seed(0))[:pairs].tolist()
+    seconds = dict.fromkeys(sample, 0.0)
+    stages = {name: dict.fromkeys(("decode", "resize", "augmentation", "collation"), 0.0) for name in sample}
+    for start in range(0, pairs, batch_size):
+        batch = order[start : start + batch_size]
+        for name in sample:  # in turn, so that the machine's load falls on both alike
+            began = time.perf_counter()  # the whole sample and batch, as the loader makes them
+            default_collate([sample[name](i) for i in batch])
+            seconds[name] += time.perf_counter() - began
+            items = []  # then stage by stage
+            for i in batch:
+                t0 = time.perf_counter()
+                image = decode[name](split.image_paths[split.image_index[i]])
+                t1 = time.perf_counter()
+                image = resize[name](image)
+                t2 = time.perf_counter()
+                items.append({"images": augment[name](image), "ids": split.ids[i], "pids": split.pids[i]})
+                t3 = time.perf_counter()
+                for stage, t in (("decode", t1 - t0), ("resize", t2 - t1), ("augmentation", t3 - t2)):
+                    stages[name][stage] += t
+            t0 = time.perf_counter()
+            default_collate(items)
+            stages[name]["collation"] += time.perf_counter() - t0
+    return [{"pipeline": name, "pairs_per_s": round(len(order) / seconds[name], 1),
+             **{f"{stage}_ms": round(1000 * t / len(order), 3) for stage, t in stages[name].items()},
+             "peak_mb": peak_mb()} for name in sample]
+
+
+def measure_epoch(root, workers, batch_size, out):
+    """Runs train.py for one epoch of a tiny CLIP over the whole replica, then the full test split."""
+    config = clip_min.CLIPConfig(embed_dim=32, image_size=(384, 128), patch_size=16, stride=16, vision_width=64,
+                                 vision_layers=2, text_width=64, text_layers=2)
+    torch.manual_seed(0)
+    clip_path = os.path.join(out, "tiny-clip.pt")
+    torch.save(clip_min.CLIP(config).state_dict(), clip_path)
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), "--method", "cskt",
+               "--data", "CUHK-PEDES", "--root", root, "--clip", clip_path, "--depth", "2", "--epochs", "1",
+               "--warmup-epochs", "0", "--batch-size", str(batch_size), "--workers", str(workers),
+               "--log-every", "100000", "--out", os.path.join(out, "run")]
+    import subprocess
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(result.stderr[-2000:])
+    with open(os.path.join(out, "run", "log.jsonl")) as journal:
+        lines = [json.loads(line) for line in journal]
+    step = next(line for line in lines if "pairs_per_s" in line)
+    return {"stage": f"train.py: 1 epoch + test split, {workers} workers", "seconds": round(seconds, 1),
+            "pairs_per_s": round(step["pairs_per_s"], 1),
+            "peak_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+            "detail": result.stdout.strip().splitlines()[-1]}
+
+
+def run_replica(args):
+    root = args.root
+    make_replica(root)
+    spawn = multiprocessing.get_context("spawn")
+    rows = []
+    for what in ("load_dataset", "check, headers", "check, full decode"):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            rows.append(pool.submit(measure_reading, what, root).result())
+    print_table(rows, ["stage", "seconds", "peak_mb", "detail"])
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        loaders = pool.submit(measure_loader, root, args.pairs, args.batch_size, tuple(args.image_size)).result()
+    print_table(loaders, ["pipeline", "pairs_per_s", "decode_ms", "resize_ms", "augmentation_ms", "collation_ms",
+                          "peak_mb"])
+    # What one GPU step needs: CSKT's training FLOPs per pair at ViT-B/16, 384x128, at a utilisation of
+    # 40 % of an H100's dense bf16 peak (989 TFLOP/s): the loader processes that keep up with it.
+    _, training_flops = flops_per_pair(clip_min.CLIPConfig(image_size=tuple(args.image_size), stride=16), "cskt",
+                                       dict(train.METHOD_DEFAULTS["cskt"]))
+    gpu_pairs_per_s = 0.4 * 989e12 / training_flops
+    ours = loaders[0]["pairs_per_s"]
+    print(f"a GPU step at 40 % of 989 TFLOP/s: {gpu_pairs_per_s:,.0f} pairs/s; at {ours:,.0f} pairs/s per loader "
+          f"process that needs {math.ceil(gpu_pairs_per_s / ours)} loader processes")
+    epoch = None
+    if args.epoch:
+        with tempfile.TemporaryDirectory(prefix="replica-run-") as out:
+            epoch = measure_epoch(root, args.workers, args.epoch_batch_size, out)
+        print_table([epoch], ["stage", "seconds", "pairs_per_s", "peak_mb", "detail"])
+    print(json.dumps({"benchmark": "replica", "data": "CUHK-PEDES", "reading": rows, "loader": loaders,
+                      "gpu_pairs_per_s": round(gpu_pairs_per_s), "epoch": epoch}))
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
@@ -577,6 +807,19 @@ def main():
                         help="timed steps of each variant at the first --batch-size, alternating in one process "
                              "after a warm-up step of each (0: memory only)")
     memory.set_defaults(run=run_memory)
+    replica = commands.add_parser("replica", help="CUHK-PEDES at its published size: read, check, load, train")
+    replica.add_argument("--data", default="CUHK-PEDES", choices=["CUHK-PEDES"])
+    replica.add_argument("--root", default="/tmp/tpr-replica",
+                         help="where the replica is written once (40,206 JPEGs, ~0.5 GB) and reused")
+    replica.add_argument("--pairs", type=int, default=2048, help="training pairs timed per loader pipeline")
+    replica.add_argument("--batch-size", type=int, default=64, help="pairs per batch in the loader timing")
+    replica.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
+    replica.add_argument("--epoch", action=argparse.BooleanOptionalAction, default=True,
+                         help="also run train.py for one epoch of a tiny CLIP over the whole replica and the "
+                              "full test split (minutes on a few CPU cores)")
+    replica.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes of that run")
+    replica.add_argument("--epoch-batch-size", type=int, default=64)
+    replica.set_defaults(run=run_replica)
 
     moe = commands.add_parser("moe", help="DM-Adapter's dispatch against the per-expert loop, forward + backward")
     moe.add_argument("--batch-size", type=int, default=8)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,3 +81,41 @@ def test_utilisation_divides_by_the_peak_of_this_gpu_at_this_precision(monkeypat
     assert [peak[2, p] for p in ("bf16", "fp16", "fp32")] == [None, 125, 15.7]  # a V100 has no bf16 units
     assert peak[3, "bf16"] == 756
     assert benchmark.peak_tflops(torch.device("cpu"), "fp32") is None
+
+
+def test_the_replica_has_the_published_counts_and_layout_of_cuhk_pedes():
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import benchmark
+    import data
+    entries = benchmark.replica_entries()
+    for split, published in data.PUBLISHED["CUHK-PEDES"].items():
+        part = [e for e in entries if e["split"] == split]
+        assert (len({e["id"] for e in part}), len(part), sum(len(e["captions"]) for e in part)) == published
+    ids = [e["id"] for e in entries]
+    assert ids == sorted(ids) and ids[0] == 1 and ids[-1] == 13_003
+    assert max(e["id"] for e in entries if e["split"] == "train") == 11_003
+    assert sum(len(e["captions"]) > 2 for e in entries) == 9
+    per_id = {}
+    for e in entries:
+        per_id[e["id"]] = per_id.get(e["id"], 0) + 1
+    assert sum(n == 1 for n in per_id.values()) == 4
+    assert {e["split"] for e in entries if e["file_path"].startswith("train_query/")} == {"train"}
+    assert {e["file_path"].split("/")[0] for e in entries} == {"cam_a", "cam_b", "CUHK01", "CUHK03", "Market",
+                                                               "test_query", "train_query"}
+    assert all(60 <= e["size"][0] <= 200 and 150 <= e["size"][1] <= 400 for e in entries)
+
+
+def test_the_replica_measurements_run_on_a_small_copy(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import benchmark
+    from test_data import cuhk_entries, write_dataset
+    write_dataset(tmp_path, "CUHK-PEDES", cuhk_entries())
+    threads = torch.get_num_threads()
+    try:  # it measures one loader process: one thread (in its own process when the benchmark runs it)
+        rows = benchmark.measure_loader(str(tmp_path), pairs=4, batch_size=2, image_size=(32, 16))
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["pipeline"] for row in rows] == ["ours", "IRRA"] and all(row["pairs_per_s"] > 0 for row in rows)
+    assert all(row["decode_ms"] > 0 and row["augmentation_ms"] > 0 for row in rows)
+    reading = benchmark.measure_reading("check, full decode", str(tmp_path))
+    assert reading["detail"] == "0 problem(s)" and reading["seconds"] >= 0

@@ -3,13 +3,16 @@ the authors' recipe, checkpoints, exact and honest resume, run folders that are 
 every bad flag as one line, durable saves, the fp16 and bf16 paths, DDP on CPU, evaluate.py."""
 
 import errno
+import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ import cskt
 import evaluate
 import train
 from conftest import TINY  # the CLIP of the `setup` fixture
+from test_data import undecodable_jpeg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,6 +263,9 @@ def test_run_folder_and_evaluate_py_on_the_checkpoint(setup, tmp_path, capsys, m
     assert "epoch 2/2  step 2/4  loss" in printed and "epoch 2/2  step 4/4  loss" in printed and "pairs/s  ETA" in printed
     assert "precision fp32" in printed
     test_metrics = json.loads((out / "test_metrics.json").read_text())
+    # A tiny copy is not the published CUHK-PEDES: said at the start, in the log and beside the numbers.
+    assert "CUHK-PEDES: NOT the published set" in printed and log[0]["published_set"] is False
+    assert test_metrics["published_set"] is False and test_metrics["dataset_check"] == log[0]["verdict"]
 
     model, checkpoint = evaluate.load_checkpoint(str(out / "best.pt"))
     assert checkpoint["method"] == "cskt" and checkpoint["epoch"] == test_metrics["epoch"] - 1
@@ -533,8 +540,16 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_clear_line(setup, tmp_pat
     root = tmp_path / "data"
     shutil.copytree(setup[0] / "CUHK-PEDES", root / "CUHK-PEDES")
     broken = root / "CUHK-PEDES" / "imgs" / "train" / "003_1.png"
-    broken.write_bytes(broken.read_bytes()[:60])  # the header reads, the pixels do not
-    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run"),
+    original = broken.read_bytes()
+    broken.write_bytes(original[:len(original) // 2])  # cut short: decoded as the authors' pipelines do
+    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run", "--epochs", "1",
+               "--warmup-epochs", "0"), "--root", str(root), "--workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"epoch 1: \d+ training image\(s\) read from files cut short", result.stdout), result.stdout
+
+    undecodable_jpeg(np.asarray(Image.open(io.BytesIO(original)).convert("RGB")), broken)  # header reads, pixels not
+    command = [sys.executable, os.path.join(REPO, "train.py"), *arguments(setup, tmp_path / "run2"),
                "--root", str(root), "--workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
