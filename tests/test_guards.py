@@ -185,7 +185,8 @@ def test_evaluate_py_reports_several_runs_as_mean_and_std_in_both_directions(set
     assert "image-to-text (i2t): 6 images rank the captions" in printed
     assert "sample standard deviation (n - 1) over the n = 2 runs" in printed
     for path, r in zip(paths, reported):
-        assert f"{path}: cskt trained on CUHK-PEDES, selected on {r['selected_on']}\n" in printed
+        assert (f"{path}: cskt trained on CUHK-PEDES, selected on {r['selected_on']}; "
+                    "dataset check: CUHK-PEDES: NOT the published set") in printed
 
     # A run that recorded whether its dataset matched the published set says so under the table.
     checked = torch.load(paths[0], weights_only=True)
