@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import clip_min
+import data
 import evaluate
 import train
 
@@ -166,6 +167,26 @@ def test_resume_after_epoch_1_equals_an_uninterrupted_run(setup, tmp_path, metho
     assert [e for e in lines if "resumed_at_epoch" in e] == [{"resumed_at_epoch": 2}]
     steps = [(e["epoch"], e["step"]) for e in lines if "step" in e]
     assert len(steps) == len(set(steps))
+
+
+def test_each_epoch_is_drawn_in_its_own_order(setup, tmp_path, monkeypatch):
+    # The loader is reseeded at every epoch (for exact resume); each epoch must get its own seed, or
+    # every epoch would see the same order, the same augmented images and the same masked captions.
+    batches = []  # per step: the batch as the loader gave it
+    real_loader = data.train_loader
+
+    def recording_loader(*args, **kwargs):
+        loader = real_loader(*args, **kwargs)
+        collate = loader.collate_fn  # runs in this process: --workers 0
+        loader.collate_fn = lambda samples: batches.append(collate(samples)) or batches[-1]
+        return loader
+
+    monkeypatch.setattr(data, "train_loader", recording_loader)
+    out = tmp_path / "run"
+    assert train.main(for_method("dm_adapter", arguments(setup, out, "--method", "dm_adapter", "--augment"))) == 0
+    assert len(batches) == 8  # 32 pairs in batches of 8, two epochs
+    epochs = [torch.cat([batch["pids"] for batch in half]) for half in (batches[:4], batches[4:])]  # [32] each
+    assert not torch.equal(*epochs)  # another order (and with it other augmentation and masking draws)
 
 
 def test_an_interrupted_epoch_is_redone_without_repeating_the_log(setup, tmp_path, monkeypatch, capsys):
@@ -415,10 +436,15 @@ def test_evaluate_py_zero_shot_clip(setup, capsys):
 def test_two_process_torchrun_on_cpu(setup, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-               os.path.join(REPO, "train.py"), *arguments(setup, out, "--epochs", "1", "--warmup-epochs", "0")]
+               os.path.join(REPO, "train.py"), *arguments(setup, out, "--epochs", "1", "--warmup-epochs", "0",
+                                                         "--log-every", "1")]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout and (out / "test_metrics.json").exists()
+    # --batch-size is the global batch: each process loads its share (4 of 8), so the 32 training
+    # pairs are 4 steps per epoch, as in one process (a process loading all 8 would take 2).
+    assert "4 steps per epoch" in result.stdout
+    assert [e["step"] for e in journal(out) if "step" in e] == [1, 2, 3, 4]
 
 
 def test_an_unreadable_image_in_a_loader_worker_is_one_clear_line(setup, tmp_path):
