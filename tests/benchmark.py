@@ -367,10 +367,14 @@ def demo_run(root, seed, threads, method):
     seconds = time.time() - started
     if result.returncode != 0:
         sys.exit(f"benchmark.py: {' '.join(command)} failed (OMP_NUM_THREADS={threads}):\n{result.stderr[-2000:]}")
-    row = next(line for line in result.stdout.splitlines() if line.startswith("| frozen CLIP, zero-shot"))
-    zero_shot = dict(zip(evaluate.METRIC_NAMES, map(float, row.strip(" |").split("|")[1:])))
     with open(os.path.join(out, "test_metrics.json")) as file:
-        return zero_shot, json.load(file), seconds
+        return table_row(result.stdout, "frozen CLIP, zero-shot"), json.load(file), seconds
+
+
+def table_row(printed, name):
+    """The metrics of row `name` of the last evaluate.format_table in `printed`."""
+    row = [line for line in printed.splitlines() if line.startswith(f"| {name} ")][-1]
+    return dict(zip(evaluate.METRIC_NAMES, map(float, row.strip(" |").split("|")[1:])))
 
 
 def run_demo_seeds(args):

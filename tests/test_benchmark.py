@@ -40,3 +40,14 @@ def test_model_flops_of_clip_vit_b_16():
     import clip_min
     forward, training = benchmark.flops_per_pair(clip_min.CLIPConfig(), "finetune", {})
     assert 40.9e9 < forward < 41.1e9 and training == 3 * forward
+
+
+def test_demo_seeds_reads_its_seeds_and_train_py_s_table():
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import benchmark
+    import evaluate
+    assert benchmark.seed_list("1-5") == [1, 2, 3, 4, 5] and benchmark.seed_list("1,3-4") == [1, 3, 4]
+    zero_shot = {"R1": 52.5, "R5": 80.25, "R10": 90.0, "mAP": 55.12, "mINP": 30.01}
+    printed = "demo test split:\n" + evaluate.format_table({"chance (random scores)": dict.fromkeys(zero_shot, 1.0),
+                                                             "frozen CLIP, zero-shot": zero_shot})
+    assert benchmark.table_row(printed, "frozen CLIP, zero-shot") == zero_shot
