@@ -11,6 +11,7 @@
     python tests/benchmark.py memory --method cskt --batch-size 8   # one step's peak memory, with and
                                                          # without activation checkpointing, and its time
     python tests/benchmark.py replica                    # CUHK-PEDES at its published size (not in CI)
+    python tests/benchmark.py demo-seeds --seeds 1-5 --threads 1 2   # README's demo table (~30 min)
 
 Each prints a table and one JSON line. Weights are random (in OpenAI's layout, built from shapes):
 speed does not depend on their values. On CUDA the training step runs under
@@ -29,6 +30,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -743,6 +745,73 @@ def run_replica(args):
 # -----------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------
+# demo-seeds: README's demo table, `python train.py` and the DM-Adapter run per seed and thread count
+
+
+def seed_list(text):
+    """'1-5' -> [1, 2, 3, 4, 5]; '1,3' -> [1, 3]."""
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds += range(int(first), int(last or first) + 1)
+    return seeds
+
+
+def demo_run(root, seed, threads, method):
+    """One `python train.py` of the demo in a fresh process with OMP_NUM_THREADS=threads: (zero-shot
+    metrics, test metrics, seconds). The process's whole life is timed, imports included."""
+    out = os.path.join(root, "runs", method)
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), "--method", method,
+               "--data", "demo", "--root", root, "--seed", str(seed), "--out", out]
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    seconds = time.time() - started
+    if result.returncode != 0:
+        sys.exit(f"benchmark.py: {' '.join(command)} failed (OMP_NUM_THREADS={threads}):\n{result.stderr[-2000:]}")
+    with open(os.path.join(out, "test_metrics.json")) as file:
+        return table_row(result.stdout, "frozen CLIP, zero-shot"), json.load(file), seconds
+
+
+def table_row(printed, name):
+    """The metrics of row `name` of the last evaluate.format_table in `printed`."""
+    row = [line for line in printed.splitlines() if line.startswith(f"| {name} ")][-1]
+    return dict(zip(evaluate.METRIC_NAMES, map(float, row.strip(" |").split("|")[1:])))
+
+
+def run_demo_seeds(args):
+    # What `python train.py` gets without OMP_NUM_THREADS: torch's default, asked of a fresh process.
+    environment = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    default_threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                     capture_output=True, text=True, env=environment, check=True).stdout.strip()
+    rows = []
+    for seed in args.seeds:
+        for threads in args.threads:
+            # A fresh root per cell: the demo is drawn and its CLIP pretrained by the CSKT run, as a
+            # new user's first `python train.py` does; the DM-Adapter run reuses that cached CLIP.
+            with tempfile.TemporaryDirectory(prefix="demo-seeds-") as root:
+                zero_shot, cskt_metrics, cskt_seconds = demo_run(root, seed, threads, "cskt")
+                dm_zero_shot, dm_metrics, dm_seconds = demo_run(root, seed, threads, "dm_adapter")
+            if dm_zero_shot != zero_shot:
+                sys.exit(f"benchmark.py: seed {seed}, {threads} thread(s): the DM-Adapter run did not reuse the CLIP")
+            rows.append({"seed": seed, "threads": threads, "zero_shot": zero_shot["R1"], "cskt": cskt_metrics["R1"],
+                         "dm_adapter": dm_metrics["R1"], "train_py_s": round(cskt_seconds), "dm_run_s": round(dm_seconds)})
+            print(f"seed {seed}, {threads} thread(s): done", file=sys.stderr, flush=True)
+    print(f"Test R1 in percent (gain over the frozen CLIP's zero-shot R1); `python train.py` = draw, pretrain, "
+          f"zero-shot, CSKT; the DM-Adapter run reuses its cached CLIP. Without OMP_NUM_THREADS, python train.py "
+          f"runs {default_threads} thread(s) here.\n")
+    print("| seed | threads | frozen tiny CLIP, zero-shot | CSKT | DM-Adapter | `python train.py` | DM-Adapter run |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['threads']} | {r['zero_shot']:.2f} | {r['cskt']:.2f} (+{r['cskt'] - r['zero_shot']:.2f}) "
+              f"| {r['dm_adapter']:.2f} (+{r['dm_adapter'] - r['zero_shot']:.2f}) | {r['train_py_s']} s | {r['dm_run_s']} s |")
+    gains = [r[m] - r["zero_shot"] for r in rows for m in ("cskt", "dm_adapter")]
+    lowest = min(r[m] for r in rows for m in ("cskt", "dm_adapter"))
+    print(f"\nsmallest gain {min(gains):.2f} points, lowest R1 {lowest:.2f}; slowest `python train.py` "
+          f"{max(r['train_py_s'] for r in rows)} s, slowest DM-Adapter run {max(r['dm_run_s'] for r in rows)} s")
+    print(json.dumps({"benchmark": "demo-seeds", "default_threads": int(default_threads), "results": rows}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -820,6 +889,11 @@ def main():
     replica.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes of that run")
     replica.add_argument("--epoch-batch-size", type=int, default=64)
     replica.set_defaults(run=run_replica)
+    seeds = commands.add_parser("demo-seeds", help="README's demo table: python train.py and the DM-Adapter run "
+                                "per seed and thread count, each in its own process and temporary --root")
+    seeds.add_argument("--seeds", type=seed_list, default=seed_list("1-5"), help="seeds, as 1-5 or 1,3")
+    seeds.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="OMP_NUM_THREADS values")
+    seeds.set_defaults(run=run_demo_seeds)
 
     moe = commands.add_parser("moe", help="DM-Adapter's dispatch against the per-expert loop, forward + backward")
     moe.add_argument("--batch-size", type=int, default=8)

@@ -119,3 +119,14 @@ def test_the_replica_measurements_run_on_a_small_copy(tmp_path):
     assert all(row["decode_ms"] > 0 and row["augmentation_ms"] > 0 for row in rows)
     reading = benchmark.measure_reading("check, full decode", str(tmp_path))
     assert reading["detail"] == "0 problem(s)" and reading["seconds"] >= 0
+
+
+def test_demo_seeds_reads_its_seeds_and_train_py_s_table():
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import benchmark
+    import evaluate
+    assert benchmark.seed_list("1-5") == [1, 2, 3, 4, 5] and benchmark.seed_list("1,3-4") == [1, 3, 4]
+    zero_shot = {"R1": 52.5, "R5": 80.25, "R10": 90.0, "mAP": 55.12, "mINP": 30.01}
+    printed = "demo test split:\n" + evaluate.format_table({"chance (random scores)": dict.fromkeys(zero_shot, 1.0),
+                                                             "frozen CLIP, zero-shot": zero_shot})
+    assert benchmark.table_row(printed, "frozen CLIP, zero-shot") == zero_shot

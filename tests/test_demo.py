@@ -40,7 +40,9 @@ def test_demo_is_drawn_again_only_when_its_version_or_size_changes(tmp_path, mon
     assert os.path.exists(marker)  # up to date: reused
 
     # data.py with an edited comment still finds the set up to date: the stamp is not the file's hash.
-    edited = tmp_path / "edited_data.py"
+    # The copy lives in a folder of its own, where Python may leave its __pycache__.
+    (tmp_path / "code").mkdir()
+    edited = tmp_path / "code" / "edited_data.py"
     with open(data.__file__) as f:
         edited.write_text(f.read().replace("# The synthetic demo sets", "# The synthetic demo sets (edited)"))
     spec = importlib.util.spec_from_file_location("edited_data", edited)
@@ -55,7 +57,7 @@ def test_demo_is_drawn_again_only_when_its_version_or_size_changes(tmp_path, mon
     open(marker, "w").close()
     data.make_demo("demo", str(tmp_path), data.DemoSize(**{**SMALL.__dict__, "test_ids": 3}))
     assert not os.path.exists(marker)  # another size: drawn again
-    assert sorted(os.listdir(tmp_path)) == ["demo", "edited_data.py"]  # no temporary folder left behind
+    assert sorted(os.listdir(tmp_path)) == ["code", "demo"]  # no temporary folder left behind
     os.makedirs(tmp_path / "mine" / "demo")
     with pytest.raises(data.DataError, match="not drawn by data.py"):  # never overwrites other data
         data.make_demo("demo", str(tmp_path / "mine"), SMALL)

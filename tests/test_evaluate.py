@@ -511,6 +511,27 @@ def test_a_file_that_is_not_train_py_s_checkpoint_is_refused(tmp_path):
         evaluate.read_checkpoint(str(path))
 
 
+class RunsCodeWhenUnpickled:
+    """Unpickling this calls os.mkdir(path): what a hostile best.pt could do with any function."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    # Everything train.py's checkpoints hold, plus one object whose unpickling runs code: a best.pt
+    # handed over by someone else must not be able to run code through evaluate.py.
+    path, ran = tmp_path / "best.pt", tmp_path / "code-ran"
+    torch.save({"method": "cskt", "method_args": {}, "clip": {}, "trainable": {}, "args": {},
+                "payload": RunsCodeWhenUnpickled(str(ran))}, path)
+    with pytest.raises(evaluate.CheckpointError, match="not a checkpoint written by train.py"):
+        evaluate.read_checkpoint(str(path))
+    assert not ran.exists()
+
+
 def test_right_identity_is_framed_green_and_wrong_red():
     # The promise of evaluate.py --save-examples: green is the right person, red a wrong one.
     red, green, blue = evaluate.CORRECT_COLOUR

@@ -18,6 +18,7 @@ import torch
 
 import clip_min
 import cskt
+import data
 import evaluate
 import train
 from conftest import TINY  # the CLIP of the `setup` fixture
@@ -164,6 +165,26 @@ def test_grad_checkpointing_trains_the_same_weights_and_may_change_on_resume(set
     assert uninterrupted.keys() == resumed.keys()
     for name in uninterrupted:
         assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
+def test_each_epoch_is_drawn_in_its_own_order(setup, tmp_path, monkeypatch):
+    # The loader is reseeded at every epoch (for exact resume); each epoch must get its own seed, or
+    # every epoch would see the same order, the same augmented images and the same masked captions.
+    batches = []  # per step: the batch as the loader gave it
+    real_loader = data.train_loader
+
+    def recording_loader(*args, **kwargs):
+        loader = real_loader(*args, **kwargs)
+        collate = loader.collate_fn  # runs in this process: --workers 0
+        loader.collate_fn = lambda samples: batches.append(collate(samples)) or batches[-1]
+        return loader
+
+    monkeypatch.setattr(data, "train_loader", recording_loader)
+    out = tmp_path / "run"
+    assert train.main(arguments(setup, out)) == 0
+    assert len(batches) == 8  # 32 pairs in batches of 8, two epochs
+    epochs = [torch.cat([batch["pids"] for batch in half]) for half in (batches[:4], batches[4:])]  # [32] each
+    assert not torch.equal(*epochs)  # epoch 2 is not epoch 1 again
 
 
 def test_an_interrupted_epoch_is_redone_without_repeating_the_log(setup, tmp_path, monkeypatch, capsys):
@@ -526,7 +547,11 @@ def test_two_process_torchrun_on_cpu_and_its_resume(setup, tmp_path, capsys):
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 
-    assert "2 process(es)" in torchrun(*arguments(setup, out, "--stop-after", "1", "--grad-checkpointing"))
+    first_leg = arguments(setup, out, "--stop-after", "1", "--grad-checkpointing", "--log-every", "1")
+    assert "2 process(es)" in torchrun(*first_leg)
+    # --batch-size is the global batch: each process loads its share (4 of 8), so the 32 training
+    # pairs are 4 steps per epoch, as in one process (a process loading all 8 would take 2).
+    assert [e["step"] for e in journal(out) if "step" in e] == [1, 2, 3, 4]
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["args"]["processes"] == 2
     first, second = checkpoint["rng"]  # each process's own CPU generator, to resume it
