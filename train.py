@@ -21,7 +21,9 @@ Under torchrun every process encodes its share of each batch (--batch-size is th
 the shares' features are gathered so that SDM runs over the whole batch, and DDP averages the
 gradients: N processes compute the loss and gradients of one. Rank 0 evaluates and saves.
 
-Sections: flags; the recipe (optimizer, schedule); the demo's CLIP; the run, in the order it runs.
+Sections: flags (the demo's recipe among them); the recipe (optimizer, schedule); the run, in the
+order it runs; last, the demo's tiny CLIP and its pretraining, a side plot that stands in for
+OpenAI's.
 """
 
 import argparse
@@ -58,6 +60,11 @@ from evaluate import number
 # than it has.
 DEMO_RECIPE = dict(epochs=12, batch_size=64, lr=6e-3, eps=1e-6, warmup_epochs=1, temperature=0.04,
                    augment=False, image_size=(64, 32), stride=8, depth=4, workers=0, eval_every=3, log_every=25)
+
+# The demo's tiny CLIP (pretrained by demo_clip, the last section) and its pretraining recipe.
+DEMO_CLIP = clip_min.CLIPConfig(embed_dim=64, image_size=(64, 32), patch_size=8, stride=8,
+                                vision_width=64, vision_layers=4, text_width=64, text_layers=4)
+DEMO_PRETRAINING = dict(epochs=6, batch_size=64, lr=1e-3, warmup_steps=50)  # Adam; warm-up, then cosine to 0
 
 # Each method's own flags default to its constructor's keyword defaults, the papers' values.
 METHOD_DEFAULTS = {method: {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()
@@ -295,74 +302,6 @@ def lr_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float)
     # max(1, ...): with no epoch left after the warm-up (epochs == warmup_epochs), the factor the
     # scheduler computes after the last epoch is never used; it must only not divide by zero.
     return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)))
-
-
-# ------------------------------------------------------------------------------------------------
-# The demo's CLIP: pretrained here from random weights, because none can be downloaded offline
-# ------------------------------------------------------------------------------------------------
-
-# A tiny CLIP learns the synthetic "demo-pretrain" corpus the way OpenAI's CLIP learned the web:
-# every weight trained, symmetric InfoNCE over each batch's B x B similarities (cross-entropy from
-# images to captions and back, the matching pair the target), with a learned temperature. SDM at
-# the methods' fixed temperature is too sharp from random weights: the gradient that lifts the
-# right pair is proportional to its probability, tiny while the features are random, and training
-# sits on a plateau of near-uniform similarities for a number of epochs that depends on the seed.
-
-DEMO_CLIP = clip_min.CLIPConfig(embed_dim=64, image_size=(64, 32), patch_size=8, stride=8,
-                                vision_width=64, vision_layers=4, text_width=64, text_layers=4)
-DEMO_PRETRAINING = dict(epochs=6, batch_size=64, lr=1e-3, warmup_steps=50)  # Adam; warm-up, then cosine to 0
-
-
-def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
-    """Path of the demo's tiny CLIP, an OpenAI-layout state dict, pretrained first if not cached.
-
-    It lives in the corpus's folder, which data.py replaces when it redraws the corpus, under a
-    name that hashes everything it was made from: a cached CLIP is never stale."""
-    log("demo 1/3: a CLIP to adapt")
-    corpus = data.load_dataset("demo-pretrain", root)  # drawn on first use
-    made_from = (DEMO_CLIP, DEMO_PRETRAINING, seed, data.DEMO_VERSION, data.DEMO_SIZES["demo-pretrain"])
-    path = os.path.join(root, "demo-pretrain", f"clip-{hashlib.sha256(repr(made_from).encode()).hexdigest()[:12]}.pt")
-    if os.path.isfile(path):
-        log(f"  using the tiny CLIP cached at {path}")
-        return path
-    log("  No CLIP can be downloaded offline, so a tiny one is pretrained from random weights on the "
-        "synthetic demo-pretrain corpus, as OpenAI pretrained theirs (symmetric InfoNCE, learned temperature):")
-    started, recipe = time.time(), DEMO_PRETRAINING
-    # The corpus is small and not augmented: every image is decoded and transformed once, and kept.
-    image_batches, _ = data.eval_loaders(corpus.train, DEMO_CLIP.image_size)
-    images = torch.cat(list(image_batches))[corpus.train.image_index]  # [N, 3, H, W]: each pair's image
-    ids = corpus.train.ids  # [N, 77]
-    caption_ends = ids.argmax(dim=-1)  # [N]: the EOT position of each caption
-
-    torch.manual_seed(seed)
-    model = clip_min.CLIP(DEMO_CLIP).to(device)
-    steps_per_epoch = len(ids) // recipe["batch_size"]  # the last incomplete batch is dropped
-    total_steps, warmup = recipe["epochs"] * steps_per_epoch, recipe["warmup_steps"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # per step, as OpenAI's: linear warm-up, then cosine to 0
-        optimizer, lambda step: (step + 1) / warmup if step < warmup else lr_factor(step - warmup, total_steps - warmup, 0, 1))
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(recipe["epochs"]):
-        order = torch.randperm(len(ids), generator=generator)[: steps_per_epoch * recipe["batch_size"]]
-        loss_sum = torch.zeros((), device=device)
-        for batch in order.view(steps_per_epoch, -1):  # [B] sample indices
-            # Each text batch is cut to its longest caption: exact, since the causal text tower
-            # is read at EOT and no token before EOT sees the padding.
-            batch_ids = ids[batch, : caption_ends[batch].max() + 1]  # [B, L']
-            loss = clip_min.clip_loss(model.encode_image(images[batch].to(device)),  # [B, E]
-                                      model.encode_text(batch_ids.to(device)), model.logit_scale)  # [B, E]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():  # as OpenAI's: the learned scale stops at 100 (temperature 0.01)
-                model.logit_scale.clamp_(0, math.log(100))
-            loss_sum += loss.detach()
-        log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  InfoNCE {loss_sum.item() / steps_per_epoch:.4f}  "
-            f"temperature {1 / model.logit_scale.exp().item():.4f}  {time.time() - started:.0f} s")
-    evaluate.save_atomically(model.state_dict(), path)  # a CLIP cut short is never taken for a cached one
-    log(f"  saved the tiny CLIP to {path}, an OpenAI-layout state dict that clip_min.load reads back")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,6 +575,69 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo's CLIP: pretrained here from random weights, because none can be downloaded offline
+# ------------------------------------------------------------------------------------------------
+
+# A tiny CLIP learns the synthetic "demo-pretrain" corpus the way OpenAI's CLIP learned the web:
+# every weight trained, symmetric InfoNCE over each batch's B x B similarities (cross-entropy from
+# images to captions and back, the matching pair the target), with a learned temperature. SDM at
+# the methods' fixed temperature is too sharp from random weights: the gradient that lifts the
+# right pair is proportional to its probability, tiny while the features are random, and training
+# sits on a plateau of near-uniform similarities for a number of epochs that depends on the seed.
+
+def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
+    """Path of the demo's tiny CLIP, an OpenAI-layout state dict, pretrained first if not cached.
+
+    It lives in the corpus's folder, which data.py replaces when it redraws the corpus, under a
+    name that hashes everything it was made from: a cached CLIP is never stale."""
+    log("demo 1/3: a CLIP to adapt")
+    corpus = data.load_dataset("demo-pretrain", root)  # drawn on first use
+    made_from = (DEMO_CLIP, DEMO_PRETRAINING, seed, data.DEMO_VERSION, data.DEMO_SIZES["demo-pretrain"])
+    path = os.path.join(root, "demo-pretrain", f"clip-{hashlib.sha256(repr(made_from).encode()).hexdigest()[:12]}.pt")
+    if os.path.isfile(path):
+        log(f"  using the tiny CLIP cached at {path}")
+        return path
+    log("  No CLIP can be downloaded offline, so a tiny one is pretrained from random weights on the "
+        "synthetic demo-pretrain corpus, as OpenAI pretrained theirs (symmetric InfoNCE, learned temperature):")
+    started, recipe = time.time(), DEMO_PRETRAINING
+    # The corpus is small and not augmented: every image is decoded and transformed once, and kept.
+    image_batches, _ = data.eval_loaders(corpus.train, DEMO_CLIP.image_size)
+    images = torch.cat(list(image_batches))[corpus.train.image_index]  # [N, 3, H, W]: each pair's image
+    ids = corpus.train.ids  # [N, 77]
+    caption_ends = ids.argmax(dim=-1)  # [N]: the EOT position of each caption
+
+    torch.manual_seed(seed)
+    model = clip_min.CLIP(DEMO_CLIP).to(device)
+    steps_per_epoch = len(ids) // recipe["batch_size"]  # the last incomplete batch is dropped
+    total_steps, warmup = recipe["epochs"] * steps_per_epoch, recipe["warmup_steps"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # per step, as OpenAI's: linear warm-up, then cosine to 0
+        optimizer, lambda step: (step + 1) / warmup if step < warmup else lr_factor(step - warmup, total_steps - warmup, 0, 1))
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(recipe["epochs"]):
+        order = torch.randperm(len(ids), generator=generator)[: steps_per_epoch * recipe["batch_size"]]
+        loss_sum = torch.zeros((), device=device)
+        for batch in order.view(steps_per_epoch, -1):  # [B] sample indices
+            # Each text batch is cut to its longest caption: exact, since the causal text tower
+            # is read at EOT and no token before EOT sees the padding.
+            batch_ids = ids[batch, : caption_ends[batch].max() + 1]  # [B, L']
+            loss = clip_min.clip_loss(model.encode_image(images[batch].to(device)),  # [B, E]
+                                      model.encode_text(batch_ids.to(device)), model.logit_scale)  # [B, E]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # as OpenAI's: the learned scale stops at 100 (temperature 0.01)
+                model.logit_scale.clamp_(0, math.log(100))
+            loss_sum += loss.detach()
+        log(f"  pretraining epoch {epoch + 1}/{recipe['epochs']}  InfoNCE {loss_sum.item() / steps_per_epoch:.4f}  "
+            f"temperature {1 / model.logit_scale.exp().item():.4f}  {time.time() - started:.0f} s")
+    evaluate.save_atomically(model.state_dict(), path)  # a CLIP cut short is never taken for a cached one
+    log(f"  saved the tiny CLIP to {path}, an OpenAI-layout state dict that clip_min.load reads back")
+    return path
 
 
 if __name__ == "__main__":
