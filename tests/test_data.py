@@ -82,6 +82,49 @@ def test_icfg_reader_has_no_val(tmp_path):
         data.load_dataset("ICFG-PEDES", str(tmp_path))
 
 
+def test_icfg_in_its_published_shape_with_one_training_image_listed_twice(tmp_path):
+    """ICFG-PEDES.json as published: one caption per entry, MSMT17-style paths (a train entry may sit
+    under test/), train and test only, and one training image listed twice under its id with
+    another caption (34,674 entries for 34,673 images). IRRA's reader takes both pairs; so do we."""
+    def entry(split, pid, path, caption):
+        return {"split": split, "file_path": path, "id": pid, "captions": [caption],
+                "processed_tokens": [caption.lower().split()]}
+    entries = [entry("train", 0, "train/0000/0000_000_01_0303morning_0015_0.jpg", "a man in a black coat."),
+               entry("train", 0, "train/0000/0000_001_05_0303morning_0020_1.jpg", "black coat, grey trousers."),
+               entry("train", 1, "test/0627/0627_010_05_0303afternoon_1591_0.jpg", "a woman with a red bag."),
+               entry("train", 0, "train/0000/0000_000_01_0303morning_0015_0.jpg", "the man wears a black coat."),
+               entry("test", 2, "test/0001/0001_004_01_0303morning_0031_0.jpg", "a man in white."),
+               entry("test", 3, "test/0002/0002_007_02_0303noon_0112_0.jpg", "a woman in a blue dress.")]
+    write_dataset(tmp_path, "ICFG-PEDES", entries)
+    dataset = data.load_dataset("ICFG-PEDES", str(tmp_path))
+    train = dataset.train
+    assert len(train.captions) == 4 and train.captions[3] == "the man wears a black coat."
+    assert train.image_paths[train.image_index[3]] == train.image_paths[train.image_index[0]]
+    assert train.pids.tolist() == [0, 0, 1, 0]
+    assert dataset.val is None and len(dataset.test.image_paths) == 2
+    assert [line for line in dataset.report if "ICFG-PEDES train: 1 entry repeats an image of an earlier entry "
+            "under the same id (entries 0 and 3" in line]
+    assert dataset.published is False and "NOT the published set" in dataset.verdict
+
+
+def test_rstpreid_captions_with_cjk_code_or_shared_text_are_read_as_written(tmp_path):
+    """Some published RSTPReid captions hold CJK characters or fragments of code, and some identical
+    captions appear under different ids: IRRA's reader tokenizes them as they are."""
+    captions = {0: ["一个穿红衣服的女人 a woman in red.", "she wears <br> red shoes."],
+                1: ["a man in a dark jacket.", "a man in a dark jacket."],
+                2: ["a man in a dark jacket.", "def f(): return x"]}
+    entries = [{"id": pid, "img_path": f"{pid:04d}_c14_00{k}1.jpg", "captions": text, "split": "train"}
+               for pid, text in captions.items() for k in range(1)]
+    entries += [{"id": 8, "img_path": "0008_c3_0011.jpg", "captions": ["a girl.", "a child."], "split": "val"},
+                {"id": 9, "img_path": "0009_c3_0011.jpg", "captions": ["a boy.", "a child."], "split": "test"}]
+    write_dataset(tmp_path, "RSTPReid", entries)
+    dataset = data.load_dataset("RSTPReid", str(tmp_path))
+    assert dataset.train.captions == [c for text in captions.values() for c in text]
+    assert torch.equal(dataset.train.ids[2], dataset.train.ids[4])  # the same caption under ids 1 and 2
+    assert dataset.train.pids.tolist() == [0, 0, 1, 1, 2, 2]
+    assert (dataset.train.ids[0] > 0).sum() > 2  # the CJK caption keeps its tokens
+
+
 def test_rstpreid_reader_uses_img_path(tmp_path):
     splits = [(100, "train"), (101, "train"), (200, "val"), (300, "test")]
     entries = [{"id": pid, "img_path": f"{pid:04d}_c1_000{k}.jpg", "captions": ["one.", "two."],
