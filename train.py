@@ -21,6 +21,15 @@ Under torchrun every process encodes its share of each batch (--batch-size is th
 the shares' features are gathered so that SDM runs over the whole batch, and DDP averages the
 gradients: N processes compute the loss and gradients of one. Rank 0 evaluates and saves.
 
+What a run promises. Every flag, the dataset and the CLIP's fit to --image-size/--stride/--depth
+are checked before any download, drawing or pretraining (one line, exit status 2; bad data one
+line naming the file and entry, exit status 1). A run folder is never overwritten (--out must be
+new or empty; default names carry the process id and are claimed atomically). --resume continues
+exactly (weights, optimizer, schedule, scaler, every process's random state) with the run's own
+flags: one that would change what is trained must equal the run's, or nothing is written; only
+RUNNING_FLAGS may change. Every save is written beside its name, synced, then renamed over it, so
+a full disk or Ctrl-C leaves the last good checkpoint and one line saying how to continue.
+
 Sections: flags (the demo's recipe among them); the recipe (optimizer, schedule); the run, in the
 order it runs; last, the demo's tiny CLIP and its pretraining, a side plot that stands in for
 OpenAI's.
