@@ -1,4 +1,21 @@
-"""Retrieval metrics and evaluation for text-based person retrieval (TPR), and train.py's checkpoints.
+"""What train.py and evaluate.py share, then evaluate.py's own command line: two parts in one file.
+
+The name says "evaluate", but half of this file is the code train.py runs too: the retrieval
+metrics it reports every few epochs, the device and precision policy, the checkpoints it writes
+and the flag conventions of both scripts. Part II is what only `python evaluate.py` does.
+
+    Part I   what train.py also uses
+      I.1  Metrics: R@k, mAP, mINP, text-to-image and image-to-text
+      I.2  Device and precision: one policy for training and evaluation
+      I.3  Features: encoding a split's images and captions, and free-text queries
+      I.4  Evaluating a model on a split, and tables of results (one run, or mean ± std of several)
+      I.5  Checkpoints: saving and reading them, building a method around a CLIP, runs to average
+      I.6  Flag helpers: number, ArgumentParser, HelpFormatter, check_output_folder
+    Part II  evaluate.py's command line
+      II.1 Pictures of what was retrieved
+      II.2 Searching a folder of images
+      II.3 DM-Adapter's routing
+      II.4 The command line: parse_args and main
 
 The metrics are those of IRRA (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning
 for Text-to-Image Person Retrieval", CVPR 2023, arXiv 2303.12501), reproduced exactly: every
@@ -22,10 +39,7 @@ form, with no loop over queries and no [Q, G] index matrices (i2t reads the tran
 the same way). Queries without a relevant item are excluded and counted; ties follow a stated rule
 (see `retrieval_metrics`). Several runs of one method are summed up as mean ± sample std.
 
-The file also extracts features from any model with `encode_image` / `encode_text`, holds the
-device and precision policy both scripts share, saves and rebuilds the checkpoints train.py
-writes, draws pictures of what was retrieved, searches any folder of images, draws DM-Adapter's
-routing, and is a command line:
+The command line (Part II):
 
     python evaluate.py --checkpoint runs/cuhk-cskt/best.pt                 # the test split's table
     python evaluate.py --checkpoint runs/s1/best.pt runs/s2/best.pt runs/s3/best.pt --direction both
@@ -63,7 +77,7 @@ import data
 import dm_adapter
 
 # ------------------------------------------------------------------------------------------------
-# Metrics
+# I.1 Metrics
 # ------------------------------------------------------------------------------------------------
 
 
@@ -191,9 +205,8 @@ def directional_metrics(similarity: torch.Tensor, caption_pids: torch.Tensor, im
     raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
 
 
-
 # ------------------------------------------------------------------------------------------------
-# Device and precision: one policy for training and evaluation
+# I.2 Device and precision: one policy for training and evaluation
 # ------------------------------------------------------------------------------------------------
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
@@ -264,7 +277,7 @@ def use_device(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Features
+# I.3 Features
 # ------------------------------------------------------------------------------------------------
 
 def _encode_batches(encode: Callable, loader: Iterable, device: torch.device, name: str,
@@ -320,7 +333,7 @@ def encode_queries(model: nn.Module, queries: list[str], device: torch.device | 
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluating a model on a split, and tables of results
+# I.4 Evaluating a model on a split, and tables of results
 # ------------------------------------------------------------------------------------------------
 
 def evaluate_loaders(model: nn.Module, loaders: tuple[DataLoader, DataLoader], split: data.EvalSplit,
@@ -390,7 +403,7 @@ def format_transfer_table(results: dict[tuple[str, str], dict], metrics: tuple[s
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: what train.py saves, and the models rebuilt from them
+# I.5 Checkpoints: what train.py saves, and the models rebuilt from them
 # ------------------------------------------------------------------------------------------------
 # A checkpoint holds what was trained ("trainable") and how to rebuild the rest ("clip"): the
 # name of an OpenAI release (downloaded and hash-checked when read), or the frozen backbone's
@@ -586,7 +599,63 @@ def check_runs_agree(checkpoints: dict[str, dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Pictures of what was retrieved
+# I.6 Flag helpers: the command-line conventions both scripts share
+# ------------------------------------------------------------------------------------------------
+
+def number(kind: type, minimum: float | None = None, above: float | None = None,
+           below: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` (int or float) with bounds, so that a bad value is the
+    parser's one-line error (exit 2) rather than a traceback halfway through a run."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
+        return value
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line (exit 2) that names it and what is allowed,
+    without the usage block, which for train.py is longer than the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
+    flag without a default (None), nor after a text that states its own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """A folder we may create or write into: not a file, and under a writable existing parent."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"argument {flag}: {folder} is a file, not a folder")
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")
+
+
+# ------------------------------------------------------------------------------------------------
+# II.1 Pictures of what was retrieved
 # ------------------------------------------------------------------------------------------------
 
 GRID_PADDING = 8       # pixels around every cell and the text
@@ -685,7 +754,7 @@ def save_retrieval_grid(path: str, query: str, images: list, scores: list[float]
 
 
 # ------------------------------------------------------------------------------------------------
-# Searching a folder of images
+# II.2 Searching a folder of images
 # ------------------------------------------------------------------------------------------------
 # The papers' code ranks a dataset's test split and nothing else. Here any folder is a gallery:
 # every .jpg, .jpeg, .png and .webp under it, of any size, resized as a test image is, ranked for
@@ -827,7 +896,7 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
 
 
 # ------------------------------------------------------------------------------------------------
-# DM-Adapter's routing
+# II.3 DM-Adapter's routing
 # ------------------------------------------------------------------------------------------------
 # DM-Adapter's router should spread tokens over experts that specialise, its balance loss keep all
 # of them in use. One picture shows what a trained model's routers do: per block of each tower, the
@@ -958,60 +1027,8 @@ def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSpl
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# II.4 The command line: flags and main
 # ------------------------------------------------------------------------------------------------
-
-def number(kind: type, minimum: float | None = None, above: float | None = None,
-           below: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` (int or float) with bounds, so that a bad value is the
-    parser's one-line error (exit 2) rather than a traceback halfway through a run."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
-        return value
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but a bad flag is one line (exit 2) that names it and what is allowed,
-    without the usage block, which for train.py is longer than the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
-    flag without a default (None), nor after a text that states its own default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
-            return f"{action.help} (default: {' '.join(map(str, action.default))})"
-        return super()._get_help_string(action)
-
-
-def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
-    """A folder we may create or write into: not a file, and under a writable existing parent."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        parser.error(f"argument {flag}: {folder} is a file, not a folder")
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
