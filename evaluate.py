@@ -978,12 +978,6 @@ def _routing_font() -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _grid_width(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, row_names: list[str],
-                num_columns: int, cell: float) -> float:
-    """The width of a `_draw_grid` table: the rows' names, then `num_columns` cells."""
-    return max(draw.textlength(name, font=font) for name in row_names) + 8 + num_columns * cell
-
-
 def _draw_grid(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, x: float, y: float, row: int, cell: float,
                name: str, column_names: list[str], row_names: list[str], cells: list[list[list[tuple]]]) -> None:
     """A table at (x, y): its name, the columns' names, then a row per name, a cell a list of
@@ -1004,6 +998,12 @@ def _draw_grid(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, x: float, y
                 draw.rectangle((left_edge, top, left_edge + width, top + row - 2), fill=colour, outline="white")
                 draw.text((left_edge + (width - draw.textlength(text, font=font)) / 2, top + 4), text, font=font,
                           fill="white" if sum(colour) < 400 else "black")
+
+
+def _grid_width(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, row_names: list[str],
+                num_columns: int, cell: float) -> float:
+    """The width of a `_draw_grid` table: the rows' names, then `num_columns` cells."""
+    return max(draw.textlength(name, font=font) for name in row_names) + 8 + num_columns * cell
 
 
 def save_routing_picture(path: str, shares: dict[str, torch.Tensor], caption: str, labels: list[str],
