@@ -1,4 +1,21 @@
-"""Retrieval metrics and evaluation for text-based person retrieval (TPR), and train.py's checkpoints.
+"""What train.py and evaluate.py share, then evaluate.py's own command line: two parts in one file.
+
+The name says "evaluate", but half of this file is the code train.py runs too: the retrieval
+metrics it reports every few epochs, the device and precision policy, the checkpoints it writes
+and the flag conventions of both scripts. Part II is what only `python evaluate.py` does.
+
+    Part I   what train.py also uses
+      I.1  Metrics: R@k, mAP, mINP, text-to-image and image-to-text
+      I.2  Device and precision: one policy for training and evaluation
+      I.3  Features: encoding a split's images and captions, and free-text queries
+      I.4  Evaluating a model on a split, and tables of results (one run, or mean ± std of several)
+      I.5  Checkpoints: saving and reading them, building a method around a CLIP, runs to average
+      I.6  Flag helpers: number, ArgumentParser, HelpFormatter, check_output_folder
+    Part II  evaluate.py's command line
+      II.1 Pictures of what was retrieved
+      II.2 Searching a folder of images
+      II.3 DM-Adapter's routing
+      II.4 The command line: parse_args and main
 
 The metrics are those of IRRA (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning
 for Text-to-Image Person Retrieval", CVPR 2023, arXiv 2303.12501), reproduced exactly: every
@@ -22,10 +39,7 @@ form, with no loop over queries and no [Q, G] index matrices (i2t reads the tran
 the same way). Queries without a relevant item are excluded and counted; ties follow a stated rule
 (see `retrieval_metrics`). Several runs of one method are summed up as mean ± sample std.
 
-The file also extracts features from any model with `encode_image` / `encode_text`, holds the
-device and precision policy both scripts share, saves and rebuilds the checkpoints train.py
-writes, draws pictures of what was retrieved, searches any folder of images, draws DM-Adapter's
-routing, and is a command line:
+The command line (Part II):
 
     python evaluate.py --checkpoint runs/cuhk-cskt/best.pt                 # the test split's table
     python evaluate.py --checkpoint runs/s1/best.pt runs/s2/best.pt runs/s3/best.pt --direction both
@@ -42,7 +56,6 @@ import collections
 import colorsys
 import contextlib
 import functools
-import itertools
 import math
 import os
 import sys
@@ -63,7 +76,7 @@ import data
 import dm_adapter
 
 # ------------------------------------------------------------------------------------------------
-# Metrics
+# I.1 Metrics
 # ------------------------------------------------------------------------------------------------
 
 
@@ -191,9 +204,8 @@ def directional_metrics(similarity: torch.Tensor, caption_pids: torch.Tensor, im
     raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
 
 
-
 # ------------------------------------------------------------------------------------------------
-# Device and precision: one policy for training and evaluation
+# I.2 Device and precision: one policy for training and evaluation
 # ------------------------------------------------------------------------------------------------
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
@@ -264,7 +276,7 @@ def use_device(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Features
+# I.3 Features
 # ------------------------------------------------------------------------------------------------
 
 def _encode_batches(encode: Callable, loader: Iterable, device: torch.device, name: str,
@@ -320,7 +332,7 @@ def encode_queries(model: nn.Module, queries: list[str], device: torch.device | 
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluating a model on a split, and tables of results
+# I.4 Evaluating a model on a split, and tables of results
 # ------------------------------------------------------------------------------------------------
 
 def evaluate_loaders(model: nn.Module, loaders: tuple[DataLoader, DataLoader], split: data.EvalSplit,
@@ -390,7 +402,7 @@ def format_transfer_table(results: dict[tuple[str, str], dict], metrics: tuple[s
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: what train.py saves, and the models rebuilt from them
+# I.5 Checkpoints: what train.py saves, and the models rebuilt from them
 # ------------------------------------------------------------------------------------------------
 # A checkpoint holds what was trained ("trainable") and how to rebuild the rest ("clip"): the
 # name of an OpenAI release (downloaded and hash-checked when read), or the frozen backbone's
@@ -586,7 +598,63 @@ def check_runs_agree(checkpoints: dict[str, dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Pictures of what was retrieved
+# I.6 Flag helpers: the command-line conventions both scripts share
+# ------------------------------------------------------------------------------------------------
+
+def number(kind: type, minimum: float | None = None, above: float | None = None,
+           below: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` (int or float) with bounds, so that a bad value is the
+    parser's one-line error (exit 2) rather than a traceback halfway through a run."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
+        return value
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line (exit 2) that names it and what is allowed,
+    without the usage block, which for train.py is longer than the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
+    flag without a default (None), nor after a text that states its own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """A folder we may create or write into: not a file, and under a writable existing parent."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"argument {flag}: {folder} is a file, not a folder")
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")
+
+
+# ------------------------------------------------------------------------------------------------
+# II.1 Pictures of what was retrieved
 # ------------------------------------------------------------------------------------------------
 
 GRID_PADDING = 8       # pixels around every cell and the text
@@ -685,7 +753,7 @@ def save_retrieval_grid(path: str, query: str, images: list, scores: list[float]
 
 
 # ------------------------------------------------------------------------------------------------
-# Searching a folder of images
+# II.2 Searching a folder of images
 # ------------------------------------------------------------------------------------------------
 # The papers' code ranks a dataset's test split and nothing else. Here any folder is a gallery:
 # every .jpg, .jpeg, .png and .webp under it, of any size, resized as a test image is, ranked for
@@ -827,7 +895,7 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module, image_size: t
 
 
 # ------------------------------------------------------------------------------------------------
-# DM-Adapter's routing
+# II.3 DM-Adapter's routing
 # ------------------------------------------------------------------------------------------------
 # DM-Adapter's router should spread tokens over experts that specialise, its balance loss keep all
 # of them in use. One picture shows what a trained model's routers do: per block of each tower, the
@@ -896,48 +964,99 @@ def _share_colour(share: float, even: float, more: tuple = (40, 90, 200), fewer:
     return tuple(round(255 + (channel - 255) * abs(t)) for channel in (more if t > 0 else fewer))
 
 
+ROUTING_MAX_WIDTH = 1000  # pixels: README shows a picture about 900 wide, so a wider one shrinks its text
+ROUTING_FONT_SIZE = 13    # pixels; Pillow's default bitmap font (about 10) is hard to read once scaled down
+ROUTING_TOKENS_SHOWN = 40  # the caption's first tokens drawn, a row each
+
+
+def _routing_font() -> ImageFont.ImageFont:
+    """Pillow's own font at ROUTING_FONT_SIZE; the fixed-size bitmap one where Pillow is older than
+    10.1 or built without FreeType."""
+    try:
+        return ImageFont.load_default(size=ROUTING_FONT_SIZE)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _draw_grid(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, x: float, y: float, row: int, cell: float,
+               name: str, column_names: list[str], row_names: list[str], cells: list[list[list[tuple]]]) -> None:
+    """A table at (x, y): its name, the columns' names, then a row per name, a cell a list of
+    (colour, text) stripes side by side, 4 white pixels between cells."""
+    draw.text((x, y + 4), name, fill="black", font=font)
+    left = x + max(draw.textlength(row_name, font=font) for row_name in row_names) + 8  # right of the rows' names
+    for column, column_name in enumerate(column_names):
+        centre = left + column * cell + (cell - 4) / 2                           # over the cell's coloured part
+        draw.text((centre - draw.textlength(column_name, font=font) / 2, y + row + 4), column_name, fill="black",
+                  font=font)
+    for number, (row_name, stripes_of_row) in enumerate(zip(row_names, cells)):
+        top = y + (number + 2) * row
+        draw.text((x, top + 4), row_name, fill="black", font=font)
+        for column, stripes in enumerate(stripes_of_row):
+            width = (cell - 4) / len(stripes)
+            for slot, (colour, text) in enumerate(stripes):
+                left_edge = left + column * cell + slot * width
+                draw.rectangle((left_edge, top, left_edge + width, top + row - 2), fill=colour, outline="white")
+                draw.text((left_edge + (width - draw.textlength(text, font=font)) / 2, top + 4), text, font=font,
+                          fill="white" if sum(colour) < 400 else "black")
+
+
+def _grid_width(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, row_names: list[str],
+                num_columns: int, cell: float) -> float:
+    """The width of a `_draw_grid` table: the rows' names, then `num_columns` cells."""
+    return max(draw.textlength(name, font=font) for name in row_names) + 8 + num_columns * cell
+
+
 def save_routing_picture(path: str, shares: dict[str, torch.Tensor], caption: str, labels: list[str],
                          experts: torch.Tensor, title: str) -> None:
-    """Write the PNG: under the title and legend, a table with a row per block: the image tower's heatmap
-    ([blocks, E] percent), the text tower's, and the experts each of the caption's first 40 tokens picks."""
-    num_experts, top_k, shown = shares["image"].shape[1], experts.shape[2], labels[:40]
-    even, columns = 100 / num_experts, ([f"e{e}" for e in range(num_experts)] + [""]) * 2 + shown
-    # A row per block (the towers may differ in depth), a cell a list of (colour, number) stripes: one
-    # for a share, one per pick (larger weight first), in pale hues on which black numbers stay readable.
+    """Write the PNG, at most ROUTING_MAX_WIDTH pixels wide for DM-Adapter's 6 experts and CLIP's 12
+    text blocks: the title and legend; the two towers' heatmaps side by side (a row per block, a
+    column per expert, the percent of the block's picks; one under the other if side by side
+    would be too wide); below them the caption, a row per token (the first 40), a column per text
+    block, each cell the top-k experts the token picks there, the larger weight on the left."""
+    num_experts, top_k, shown = shares["image"].shape[1], experts.shape[2], labels[:ROUTING_TOKENS_SHOWN]
+    even = 100 / num_experts
+    font, measure = _routing_font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, ascent, _, descent = measure.textbbox((0, 0), "Ag", font=font)
+    row, margin, gap = descent - ascent + 10, 16, 24           # pixels: a table row, the border, between tables
+
+    # Each cell a list of (colour, text) stripes: one for a share, one per pick (larger weight first),
+    # picks in pale hues on which black numbers stay readable.
     palette = [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(e / num_experts, 0.35, 1)) for e in range(num_experts)]
-    image, text = ([[[(_share_colour(s, even), f"{s:.1f}")] for s in row] for row in shares[tower].tolist()]
-                   for tower in ("image", "text"))
-    picks = [[[(palette[e], str(e)) for e in token] for token in block] for block in experts[:, : len(shown)].tolist()]
-    grid = [[*(image_row or [[]] * num_experts), [], *(text_row or [[]] * num_experts), [], *(picks_row or [])]
-            for image_row, text_row, picks_row in itertools.zip_longest(image, text, picks)]
+    heatmaps = {tower: [[[(_share_colour(s, even), f"{s:.1f}")] for s in block] for block in shares[tower].tolist()]
+                for tower in ("image", "text")}
+    picks = [[[(palette[e], str(e)) for e in token] for token in tokens]        # [tokens][blocks][k]
+             for tokens in experts[:, : len(shown)].transpose(0, 1).tolist()]
+    share_cell = max(measure.textlength(text, font=font) for text in ("100.0", f"e{num_experts - 1}")) + 10
+    pick_cell = max(measure.textlength(str(experts.shape[0] - 1), font=font) + 8,
+                    top_k * (measure.textlength(str(num_experts - 1), font=font) + 10))
+    block_names = {tower: [f"block {b}" for b in range(len(heatmaps[tower]))] for tower in heatmaps}
+    heatmap_width = max(_grid_width(measure, font, names, num_experts, share_cell) for names in block_names.values())
+    caption_width = _grid_width(measure, font, shown, experts.shape[0], pick_cell)
+    side_by_side = 2 * heatmap_width + gap + 2 * margin <= ROUTING_MAX_WIDTH
+    content_width = max(2 * heatmap_width + gap if side_by_side else heatmap_width, caption_width)
+    width = int(min(ROUTING_MAX_WIDTH, max(600, content_width + 2 * margin)))
+
     lines = [title, f"Heatmaps: % of each block's top-{top_k} picks per expert; white: the even share, {even:.1f} %; "
              "bluer: more (full blue at twice that); redder: fewer (full red at none).",
-             f'Caption: "{caption}": the {top_k} experts each token (the first 40 at most) picks at each text block, '
-             "the larger weight on the left; colour = expert."]
-    font, row, draw = ImageFont.load_default(), 22, ImageDraw.Draw(Image.new("RGB", (1, 1)))  # a row: 22 pixels
-    cell = max(46, *(draw.textlength(label, font=font) + 8 for label in shown))  # wide enough for a token's label
-    left = row + draw.textlength("block 00", font=font) + 12                     # right of the rows' labels
-    text_lines = [words for line in lines for words in _wrap_to_width(line, font, draw, 900)]
-    top = row * (len(text_lines) + 3)             # the text, a blank row, the groups' names, the columns' labels
-    picture = Image.new("RGB", (int(max(900, left + len(columns) * cell)) + 2 * row, top + row * (len(grid) + 1)),
-                        "white")
+             f'Caption: "{caption}": the {top_k} experts each token (the first {ROUTING_TOKENS_SHOWN} at most) '
+             "picks at each text block, the larger weight on the left; colour = expert."]
+    text_lines = [words for line in lines for words in _wrap_to_width(line, font, measure, width - 2 * margin)]
+    heatmaps_top = margin + row * (len(text_lines) + 1)
+    heatmap_heights = {tower: row * (len(cells) + 2) for tower, cells in heatmaps.items()}
+    heatmap_at = {"image": (margin, heatmaps_top),
+                  "text": ((margin + heatmap_width + gap, heatmaps_top) if side_by_side
+                           else (margin, heatmaps_top + heatmap_heights["image"] + gap))}
+    caption_top = (heatmaps_top + gap + (max(heatmap_heights.values()) if side_by_side
+                                         else heatmap_heights["image"] + gap + heatmap_heights["text"]))
+    picture = Image.new("RGB", (width, caption_top + row * (len(shown) + 2) + margin), "white")
     draw = ImageDraw.Draw(picture)
     for number, words in enumerate(text_lines):
-        _draw_words(draw, row, row * (number + 1) + 4, words, font)
-    for group, name in enumerate(("image tower", "text tower", "caption")):  # above each group's first column
-        _draw_words(draw, left + group * (num_experts + 1) * cell + 4, top - 2 * row + 4, name.split(), font)
-    for column, label in enumerate(columns):
-        draw.text((left + column * cell + 4, top - row + 4), label, fill="black", font=font)
-    for block, cells in enumerate(grid):
-        y = top + block * row
-        _draw_words(draw, row, y + 4, ["block", str(block)], font)
-        for column, stripes in enumerate(cells):
-            for slot, (colour, number) in enumerate(stripes):
-                width = (cell - 4) / len(stripes)                               # 4 white pixels between columns
-                x = left + column * cell + slot * width
-                draw.rectangle((x, y, x + width, y + row), fill=colour, outline="white")
-                draw.text((x + (width - draw.textlength(number, font=font)) / 2, y + 4), number, font=font,
-                          fill="white" if sum(colour) < 400 else "black")
+        _draw_words(draw, margin, margin + number * row, words, font)
+    for tower, (x, y) in heatmap_at.items():
+        _draw_grid(draw, font, x, y, row, share_cell, f"{tower} tower: % of picks per expert",
+                   [f"e{e}" for e in range(num_experts)], block_names[tower], heatmaps[tower])
+    _draw_grid(draw, font, margin, caption_top, row, pick_cell, "caption: the experts each token picks, per text block",
+               [str(b) for b in range(experts.shape[0])], shown, picks)
     picture.save(path, format="PNG")
 
 
@@ -949,69 +1068,19 @@ def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSpl
     shares = routing_shares(model, split, image_size, args.device, amp_dtype, args.batch_size, args.workers)
     caption, path = args.routing_caption or split.captions[0], os.path.join(args.out, "routing.png")
     os.makedirs(args.out, exist_ok=True)
-    save_routing_picture(path, shares, caption, *caption_routing(model, caption, args.device, amp_dtype),
-                         f"DM-Adapter routing on {split_name}: {len(split.image_paths):,} images, "
-                         f"{len(split.captions):,} captions (text padding not counted); {args.checkpoint}")
+    # The checkpoint's file name, not its path: the picture is made to be shown, and a path tells
+    # of the machine it was made on.
+    title = (f"DM-Adapter routing of {os.path.basename(args.checkpoint)} on {split_name}: "
+             f"{len(split.image_paths):,} images, {len(split.captions):,} captions (text padding not counted)")
+    save_routing_picture(path, shares, caption, *caption_routing(model, caption, args.device, amp_dtype), title)
     print(*(f"{tower} tower: each expert gets {float(s.min()):.1f} to {float(s.max()):.1f} % of a block's picks "
             f"(even: {100 / s.shape[1]:.1f} %)" for tower, s in shares.items()), f"wrote {path}", sep="\n")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# II.4 The command line: flags and main
 # ------------------------------------------------------------------------------------------------
-
-def number(kind: type, minimum: float | None = None, above: float | None = None,
-           below: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` (int or float) with bounds, so that a bad value is the
-    parser's one-line error (exit 2) rather than a traceback halfway through a run."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
-        return value
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but a bad flag is one line (exit 2) that names it and what is allowed,
-    without the usage block, which for train.py is longer than the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
-    flag without a default (None), nor after a text that states its own default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
-            return f"{action.help} (default: {' '.join(map(str, action.default))})"
-        return super()._get_help_string(action)
-
-
-def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
-    """A folder we may create or write into: not a file, and under a writable existing parent."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        parser.error(f"argument {flag}: {folder} is a file, not a folder")
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "

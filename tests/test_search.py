@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import clip_min
 import data
@@ -293,14 +293,24 @@ def test_caption_routing_gives_each_tokens_two_experts_larger_weight_first(runs,
             assert (gates[token] > 0).sum() == 2
 
 
-def test_routing_picture_from_the_command_line(runs, tmp_path, capsys):
+def test_routing_picture_from_the_command_line(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    assert evaluate.main(["--checkpoint", runs.checkpoint["demo"], "--routing", "--root", runs.root,
+    drawn = []                                     # every text the picture draws, word by word or whole
+    draw_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *args, **kwargs: drawn.append(text) or draw_text(self, xy, text,
+                                                                                                *args, **kwargs))
+    checkpoint_path = os.path.abspath(runs.checkpoint["demo"])
+    assert evaluate.main(["--checkpoint", checkpoint_path, "--routing", "--root", runs.root,
                           "--workers", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "image tower: each expert gets" in printed and "text tower: each expert gets" in printed
+    # The picture is made to be shown: it names the checkpoint's file and the split, never a folder
+    # of the machine it was made on.
+    assert "best.pt" in drawn and "demo" in drawn
+    assert not [text for text in drawn if os.sep in text or os.path.dirname(checkpoint_path) in text]
     with Image.open(out / "routing.png") as picture:
-        assert picture.format == "PNG" and picture.width > 400 and picture.height > 200
+        assert picture.format == "PNG" and 400 < picture.width <= evaluate.ROUTING_MAX_WIDTH and picture.height > 200
         colours = {colour for _, colour in picture.convert("RGB").getcolors(1 << 20)}
     # Every heatmap cell's colour is in the picture ...
     model, checkpoint = evaluate.load_checkpoint(runs.checkpoint["demo"])
@@ -313,6 +323,30 @@ def test_routing_picture_from_the_command_line(runs, tmp_path, capsys):
     _, experts = evaluate.caption_routing(model, split.captions[0], "cpu")
     palette = [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(e / 6, 0.35, 1)) for e in range(6)]
     assert {palette[e] for e in experts.flatten().tolist()} <= colours
+
+
+def test_routing_picture_of_a_full_size_model_fits_a_readme_with_the_caption_below(tmp_path):
+    """ViT-B/16's 12 blocks a tower, 6 experts, top-2, and a caption of more than 40 tokens: at most
+    ROUTING_MAX_WIDTH wide, the caption's rows under the two heatmaps, its first 40 tokens shown."""
+    generator = torch.Generator().manual_seed(0)
+    shares = {tower: 100 * torch.rand(12, 6, generator=generator, dtype=torch.float64).softmax(1)
+              for tower in ("image", "text")}
+    labels = ["SOT", *(["backpack", "woman"] * 30), "EOT"]                     # 62 tokens, long ones
+    experts = torch.rand(12, len(labels), 6, generator=generator).topk(2, dim=-1).indices  # [blocks, n, k]
+    drawn = []
+    draw_text = ImageDraw.ImageDraw.text
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *args, **kwargs:
+                      drawn.append((xy, text)) or draw_text(self, xy, text, *args, **kwargs))
+        evaluate.save_routing_picture(str(tmp_path / "routing.png"), shares, " ".join(labels[1:-1]), labels,
+                                      experts, "DM-Adapter routing of best.pt on demo test")
+    with Image.open(tmp_path / "routing.png") as picture:
+        assert picture.width <= evaluate.ROUTING_MAX_WIDTH
+    # The towers' rows side by side: "block 11" twice at one height; every token's row below both.
+    block_rows = [y for (_, y), text in drawn if text == "block 11"]
+    assert len(block_rows) == 2 and block_rows[0] == block_rows[1]
+    token_rows = {y for (_, y), text in drawn if text in ("SOT", "backpack", "woman") and y > block_rows[0]}
+    assert len(token_rows) == evaluate.ROUTING_TOKENS_SHOWN  # the legend, above, quotes the caption too
 
 
 def test_routing_needs_a_dm_adapter_model(runs, capsys):
