@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clip_min
 import cskt
