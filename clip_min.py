@@ -491,6 +491,13 @@ def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, i
     return torch.cat([class_row, grid.permute(0, 2, 3, 1).flatten(0, 2)])  # [1 + H*W', W]
 
 
+def layer_counts(state_dict: dict) -> tuple[int, int]:
+    """(image tower's blocks, text tower's blocks), counted from the state dict's keys."""
+    vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
+    text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+    return vision_layers, text_layers
+
+
 def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None = None,
                            stride: int | None = None) -> tuple[CLIPConfig, tuple[int, int]]:
     """(config, the grid the checkpoint's position embedding was stored at).
@@ -518,17 +525,18 @@ def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None 
         raise CLIPError(f"the position embedding holds {positions} patches, not a square grid, and "
                         f"image_size={image_size}, stride={stride} does not give {positions} patches: "
                         "pass the image size and stride this checkpoint was trained with")
+    vision_layers, text_layers = layer_counts(state_dict)
     config = CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
         image_size=image_size,
         patch_size=patch_size,
         stride=stride,
         vision_width=state_dict["visual.conv1.weight"].shape[0],
-        vision_layers=sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict),
+        vision_layers=vision_layers,
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0],
         text_width=state_dict["ln_final.weight"].shape[0],
-        text_layers=len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}),
+        text_layers=text_layers,
     )
     return config, stored_grid
 

@@ -257,8 +257,7 @@ def clip_shape(clip: str | None, data_name: str) -> tuple[int, int, int | None] 
         state_dict = clip_min.read_state_dict(clip)
         patch = state_dict["visual.conv1.weight"].shape[-1]
         positions = state_dict["visual.positional_embedding"].shape[0] - 1
-        vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
-        text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+        vision_layers, text_layers = clip_min.layer_counts(state_dict)  # the counts build_model uses
     except (clip_min.CLIPError, KeyError, IndexError, AttributeError):
         return None
     return patch, min(vision_layers, text_layers), None if math.isqrt(positions) ** 2 == positions else positions
