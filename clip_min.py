@@ -32,6 +32,7 @@ Reading order: tokenizer -> model pieces -> the losses (InfoNCE, SDM) -> CLIP ->
 state dict -> loading OpenAI's files.
 """
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -41,6 +42,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -329,6 +331,12 @@ class CLIPConfig:
 # The losses: CLIP's symmetric InfoNCE, and similarity distribution matching (SDM, IRRA)
 # ------------------------------------------------------------------------------------------------
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (fp64 stays fp64): what the losses and DM-Adapter's router compute in, whatever
+    the autocast context."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's contrastive loss over a batch of B matching pairs (pair i: image i, caption i).
 
@@ -345,9 +353,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     Computed in fp32 whatever the autocast context.
     """
     with torch.autocast(image_features.device.type, enabled=False):
-        image_features = F.normalize(image_features.float(), dim=-1)  # [B, E]
-        text_features = F.normalize(text_features.float(), dim=-1)  # [B, E]
-        logits = logit_scale.float().exp() * image_features @ text_features.T  # [B, B]: images x captions
+        image_features = F.normalize(at_least_fp32(image_features), dim=-1)  # [B, E]
+        text_features = F.normalize(at_least_fp32(text_features), dim=-1)  # [B, E]
+        logits = at_least_fp32(logit_scale).exp() * image_features @ text_features.T  # [B, B]: images x captions
         matching = torch.arange(len(logits), device=logits.device)  # pair i's caption is caption i
         return (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
 
@@ -369,13 +377,11 @@ class _GatherShares(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
-        # Every process computes the same loss from the gathered batch, so each share's gradient
-        # is the sum over processes of the gradients for its rows (an all-reduce, which gloo has,
-        # then the own rows). That sum is N times the single-process gradient, and DDP's average
-        # over the N processes brings it back to exactly it.
-        gradient = gradient.contiguous().clone()
-        dist.all_reduce(gradient)
-        return gradient.chunk(dist.get_world_size())[dist.get_rank()]
+        # Every process computes the same loss from the same gathered batch, so every process
+        # holds the same gradient for it: no communication is needed. The own rows times N are
+        # what an all-reduce (a sum over N equal copies) would give; DDP's average over the N
+        # processes then brings the weights' gradients back to exactly one process's.
+        return gradient.chunk(dist.get_world_size())[dist.get_rank()] * dist.get_world_size()
 
 
 def gather_shares(share: torch.Tensor) -> torch.Tensor:
@@ -405,11 +411,12 @@ def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: to
     """
     with torch.autocast(image_features.device.type, enabled=False):
         # [B, E] -> [N*B, E] under torchrun: the whole batch; pids need no gradient.
-        image_features, text_features = gather_shares(image_features.float()), gather_shares(text_features.float())
+        image_features = gather_shares(at_least_fp32(image_features))
+        text_features = gather_shares(at_least_fp32(text_features))
         pids = gather_shares(pids)  # [B] -> [N*B]
         image_features = F.normalize(image_features, dim=-1)  # [B, E]
         text_features = F.normalize(text_features, dim=-1)  # [B, E]
-        same_identity = (pids[:, None] == pids[None, :]).float()  # [B, B]
+        same_identity = (pids[:, None] == pids[None, :]).to(image_features.dtype)  # [B, B]
         log_target = torch.log(same_identity / same_identity.sum(dim=1, keepdim=True) + epsilon)  # [B, B]
         image_to_text = image_features @ text_features.T / temperature  # [B, B]
 
@@ -600,6 +607,32 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """A binary file to write that appears at `path` only once complete, and durably: written
+    under a name of its own beside `path` (random, created exclusively: processes on machines
+    that share a file system never write into one file), flushed to the disk, renamed over
+    `path`, and the rename flushed too. An error or Ctrl-C inside the block leaves the previous
+    file whole and no temporary one."""
+    temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(temporary, "xb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
     """The path of a released checkpoint in `cache_dir`, downloaded first if needed; its SHA-256
     is checked after the download and on every later use."""
@@ -612,31 +645,28 @@ def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
                             "delete the file and run again to download it anew")
         return target
     url = RELEASE_URL.format(sha256=sha256, file=file_name)
-    # Renamed only once complete and verified; named per process, so that processes that download
-    # at once (several jobs sharing a cache) never write into one file.
-    partial = f"{target}.{os.getpid()}.part"
+    digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             # The cache folder is made only now, when there is a file to write into it.
             os.makedirs(cache_dir, exist_ok=True)
-            with open(partial, "wb") as out:
+            with atomic_file(target) as out:  # renamed into place only once complete and verified
                 total = int(response.headers.get("Content-Length") or 0)
                 done = 0
                 while block := response.read(1 << 20):
                     out.write(block)
+                    digest.update(block)
                     done += len(block)
                     percent = f" {100 * done / total:3.0f}%" if total else ""
                     print(f"\rdownloading {file_name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB{percent}",
                           end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+                print(file=sys.stderr)
+                if digest.hexdigest() != sha256:
+                    raise CLIPError(f"the download of {url} is corrupt: SHA-256 {digest.hexdigest()}, "
+                                    f"expected {sha256}; run again")
     except (urllib.error.URLError, OSError) as error:
         raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, download "
                         f"that file elsewhere and put it at {target} (SHA-256 {sha256})") from None
-    actual = file_sha256(partial)
-    if actual != sha256:
-        os.remove(partial)
-        raise CLIPError(f"the download of {url} is corrupt: SHA-256 {actual}, expected {sha256}; run again")
-    os.replace(partial, target)
     return target
 
 

@@ -39,6 +39,7 @@ import re
 import shutil
 import struct
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -827,7 +828,10 @@ def make_demo(name: str, root: str, size: DemoSize | None = None) -> str:
         return folder
     if os.path.exists(folder) and found_stamp() is None:
         raise DataError(f"{folder}: exists but was not drawn by data.py; move it away to draw {name} there")
-    start, work = time.time(), f"{folder}.tmp{os.getpid()}"
+    # Drawn in a folder of its own beside the set's (tempfile makes its name unique, even across
+    # machines that share the file system), renamed into place once complete.
+    os.makedirs(root, exist_ok=True)
+    start, work = time.time(), tempfile.mkdtemp(dir=root, prefix=f"{name}.", suffix=".tmp")
     rng, noise = random.Random(f"{size.seed}:images"), np.random.default_rng(size.seed)
     entries, splits = [], ["train"] * size.train_ids + ["val"] * size.val_ids + ["test"] * size.test_ids
     for pid, (person, split) in enumerate(zip(demo_people(name, size), splits), start=1):

@@ -61,9 +61,10 @@ class DomainAwareRouter(nn.Module):
         # In fp32 under any autocast: the router is tiny, and bf16 or fp16 rounding of its logits
         # would change which experts a token picks.
         with torch.autocast(h.device.type, enabled=False):
-            token_logits = F.linear(h.float(), self.input_gate.weight.float())  # [T, E]
-            domain_logits = F.linear(self.domain_prompt.float(), self.task_gate.weight.float())  # [E]
-            alpha = self.alpha.float()
+            h = clip_min.at_least_fp32(h)
+            token_logits = F.linear(h, self.input_gate.weight.to(h.dtype))  # [T, E]
+            domain_logits = F.linear(self.domain_prompt.to(h.dtype), self.task_gate.weight.to(h.dtype))  # [E]
+            alpha = self.alpha.to(h.dtype)
             return (1 - alpha) * token_logits + alpha * domain_logits
 
 
@@ -80,26 +81,21 @@ class MixtureOfAdapters(nn.Module):
         self.router = DomainAwareRouter(width, num_experts)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [T, d] -> (gates [T, E]: the top-k softmax weights, 0 elsewhere; balance loss l)."""
+        """Tokens [T, d] -> (gates [T, E]: the top-k softmax weights, 0 elsewhere; [P, f] [2, E],
+        the statistics of the balance loss)."""
         with torch.autocast(h.device.type, enabled=False):  # logits, top-k and softmax all in fp32
             logits = self.router(h)  # [T, E]
             top_logits, chosen = logits.topk(self.top_k, dim=-1)  # [T, k], [T, k]
             gates = torch.zeros_like(logits).scatter(1, chosen, top_logits.softmax(dim=-1))  # [T, E]
             # Load balancing: P_e, the mean router probability, is differentiable; f_e, the
-            # fraction of tokens that chose e, is a count. l = sum_e P_e * f_e (= E * mean_e P_e f_e).
+            # fraction of tokens that chose e, is a count. balance_loss multiplies them.
             mean_probability = logits.softmax(dim=-1).mean(dim=0)  # [E]
             chosen_fraction = torch.zeros_like(logits).scatter(1, chosen, 1.0).mean(dim=0)  # [E]
-            if self.training and clip_min.processes() > 1:
-                # Under torchrun the means run over the tokens of the whole batch, as with one
-                # process: every process holds as many tokens, so they are the means of the
-                # processes' means (l, a product of two means, is not the mean of the l's).
-                statistics = clip_min.gather_shares(torch.stack([mean_probability, chosen_fraction])[None])
-                mean_probability, chosen_fraction = statistics.mean(dim=0)  # [N, 2, E] -> [E], [E]
-            return gates, (mean_probability * chosen_fraction).sum()
+            return gates, torch.stack([mean_probability, chosen_fraction])  # [2, E]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, L, d]
         h = self.ln_3(x).flatten(0, 1)  # [T, d], T = B * L tokens
-        gates, balance = self.route(h)  # [T, E]
+        gates, statistics = self.route(h)  # [T, E], [2, E]
         # Dispatch without host synchronisation. The authors loop over experts, find each one's
         # tokens with torch.where (a device-to-host sync per expert per block) and run it on
         # them. Here all E experts run as one wide adapter: their down projections side by side
@@ -116,15 +112,26 @@ class MixtureOfAdapters(nn.Module):
         hidden = F.relu(F.linear(h, down_weight, down_bias))  # [T, E*r]
         gated = hidden.unflatten(1, (len(self.experts), -1)) * gates[:, :, None].to(hidden.dtype)  # [T, E, r]
         y = F.linear(gated.flatten(1), up_weight) + gates.to(up_bias.dtype) @ up_bias  # [T, d]
-        return self.scale * y.view_as(x), balance
+        return self.scale * y.view_as(x), statistics
+
+
+def balance_loss(statistics: torch.Tensor) -> torch.Tensor:
+    """[blocks, 2, E]: each block's P and f -> the sum over blocks of l = sum_e P_e * f_e
+    (= E * mean_e P_e f_e).
+
+    Under torchrun P and f are means over the tokens of the whole batch, as with one process:
+    every process holds as many tokens, so they are the means of the processes' means (l, a
+    product of two means, is not the mean of the l's). All blocks are gathered at once."""
+    mean_probability, chosen_fraction = clip_min.gather_shares(statistics[None]).mean(dim=0).unbind(1)
+    return (mean_probability * chosen_fraction).sum()  # [blocks, E] -> []
 
 
 def adapted_block(block: clip_min.ResidualAttentionBlock, mixture: MixtureOfAdapters,
                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One frozen CLIP block with the mixture beside its MLP; returns the block's balance loss too."""
+    """One frozen CLIP block with the mixture beside its MLP; returns its routing statistics too."""
     x = x + block.attn(block.ln_1(x))
-    adapted, balance = mixture(x)
-    return x + block.mlp(block.ln_2(x)) + adapted, balance
+    adapted, statistics = mixture(x)
+    return x + block.mlp(block.ln_2(x)) + adapted, statistics
 
 
 class DMAdapter(nn.Module):
@@ -165,33 +172,35 @@ class DMAdapter(nn.Module):
         self.clip.eval()  # the backbone is frozen: it stays in evaluation mode
         return self
 
-    def image_features_and_balance(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_features_and_routing(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] -> (features [B, E], routing statistics [blocks, 2, E])."""
         visual = self.clip.visual
         x = visual.ln_pre(visual.embed(images))  # [B, 1 + N, W]
-        balance = 0
+        statistics = []
         for block, mixture in zip(visual.transformer.resblocks, self.vision_adapters):
-            x, block_balance = self.run_block(block, mixture, x)
-            balance = balance + block_balance
-        return visual.pool(x), balance
+            x, block_statistics = self.run_block(block, mixture, x)
+            statistics.append(block_statistics)
+        return visual.pool(x), torch.stack(statistics)
 
-    def text_features_and_balance(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_features_and_routing(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] -> (features [B, E], routing statistics [blocks, 2, E])."""
         x = self.clip.embed_text(ids)  # [B, L, w]
-        balance = 0
+        statistics = []
         for block, mixture in zip(self.clip.transformer.resblocks, self.text_adapters):
-            x, block_balance = self.run_block(block, mixture, x)
-            balance = balance + block_balance
-        return self.clip.pool_text(x, ids.argmax(dim=-1)), balance
+            x, block_statistics = self.run_block(block, mixture, x)
+            statistics.append(block_statistics)
+        return self.clip.pool_text(x, ids.argmax(dim=-1)), torch.stack(statistics)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
-        return self.image_features_and_balance(images)[0]
+        return self.image_features_and_routing(images)[0]
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, E]
-        return self.text_features_and_balance(ids)[0]
+        return self.text_features_and_routing(ids)[0]
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,
                 temperature: float = 0.02) -> dict:
-        image_features, image_balance = self.image_features_and_balance(images)
-        text_features, text_balance = self.text_features_and_balance(ids)
+        image_features, image_routing = self.image_features_and_routing(images)
+        text_features, text_routing = self.text_features_and_routing(ids)
         sdm = clip_min.sdm_loss(image_features, text_features, pids, temperature)
-        aux = image_balance + text_balance  # summed over all blocks of both towers
+        aux = balance_loss(torch.cat([image_routing, text_routing]))  # over every block of both towers
         return {"loss": sdm + self.aux_weight * aux, "sdm": sdm, "aux": aux}

@@ -462,26 +462,10 @@ def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) ->
 
 
 def save_atomically(obj, path: str) -> None:
-    """torch.save(obj, path), atomic and durable: written beside `path` (as path + ".tmp"), flushed
-    to the disk, renamed over it, and the rename flushed too. A save that fails or is interrupted
-    (a full or read-only disk, Ctrl-C) leaves the previous file whole and no temporary one."""
-    temporary = path + ".tmp"
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    """torch.save(obj, path) through clip_min.atomic_file: a save that fails or is interrupted (a
+    full or read-only disk, Ctrl-C) leaves the previous file whole and no temporary one."""
+    with clip_min.atomic_file(path) as file:
+        torch.save(obj, file)
 
 
 def save_checkpoint(path: str, model: nn.Module, **fields) -> None:

@@ -45,6 +45,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -316,22 +317,28 @@ def lr_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float)
 # The run: setup, CLIP, data, model, optimizer, loop, test
 # ------------------------------------------------------------------------------------------------
 
-# Under torchrun the other processes wait in a barrier while rank 0 evaluates and saves, and while
-# one process per machine downloads CLIP or pretrains the demo's: longer than the 10 minutes after
-# which NCCL would otherwise end the job.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+# Under torchrun a collective that waits longer than TRAINING_TIMEOUT ends the job with an error,
+# so that a process that hangs in training shows within minutes. Where the others wait for one
+# process on purpose (rank 0 evaluating and saving; rank 0, then each machine's first process,
+# downloading CLIP or pretraining the demo's), they wait on a second, CPU-side (gloo) group that
+# allows hours.
+TRAINING_TIMEOUT = datetime.timedelta(minutes=10)
+WAITING_TIMEOUT = datetime.timedelta(hours=2)
 
 
-def once_per_machine(make):
-    """make() in the first process of each machine (torchrun's LOCAL_RANK 0) while the others wait,
-    then in the others, which find what it made (a download, a drawn demo set, a pretrained CLIP)
-    instead of writing the same files at the same time. Its result, in every process."""
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if dist.is_initialized() and not first:
-        dist.barrier()  # every process calls the barrier once: the others are let go when all firsts are done
-    result = make()
-    if dist.is_initialized() and first:
-        dist.barrier()
+def once_per_machine(make, group=None):
+    """make() in global rank 0 while every other process waits; then in the first process of each
+    other machine (torchrun's LOCAL_RANK 0); then in the rest, which find what was made (a
+    download, a drawn demo set, a pretrained CLIP) instead of writing the same files at once. On
+    a file system that the machines share, the later turns find rank 0's files; on a machine's
+    own disk, its first process makes them. Its result, in every process; `group` is waited on."""
+    if not dist.is_initialized():
+        return make()
+    turn = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    for current in range(3):
+        if current == turn:
+            result = make()
+        dist.barrier(group=group)
     return result
 
 
@@ -350,27 +357,52 @@ class TrainingError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    error_prefix = f"error: process {rank}: " if world_size > 1 else "error: "
     try:
         with contextlib.ExitStack() as open_files:  # closed on every path: the end, --stop-after, an error
             run(args, open_files)
+        code = 0
     except (data.DataError, clip_min.CLIPError, evaluate.CheckpointError, TrainingError) as error:
         message = str(error).strip()
         if "Original Traceback" in message:  # raised in a loader worker: the last line is the error
             message = message.splitlines()[-1].removeprefix("data.DataError: ")
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return 1
+        print(error_prefix + " ".join(message.split()), file=sys.stderr)
+        code = 1
     except OSError as error:  # a folder we may not write, a disk that is full: the system's own words
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        print(f"{error_prefix}{error}", file=sys.stderr)
+        code = 1
+    except torch.cuda.OutOfMemoryError:
+        print(f"{error_prefix}out of GPU memory: lower --batch-size, or add --grad-checkpointing", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:  # every save is atomic: what was saved is whole
         last = os.path.join(args.out or "", "last.pt")
         print("interrupted; " + (f"continue with --resume {last}" if os.path.isfile(last) else
                                  "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        code = 130
+    except RuntimeError as error:
+        if not dist.is_initialized():
+            raise
+        # A collective broke (gloo: the connection closed; NCCL: DistBackendError): another
+        # process stopped, and its own line says why.
+        print(f"process {rank}: stopped, as a collective failed ({type(error).__name__}): another process "
+              "has most likely failed, see its error", file=sys.stderr)
+        code = 1
+    except BaseException:  # a bug: its traceback, then the same prompt exit as any error
+        if not dist.is_initialized():
+            raise
+        traceback.print_exc()
+        code = 1
+    if dist.is_initialized():
+        if code:
+            # No graceful shutdown of the process group on an error: NCCL's waits for every process
+            # to join it, and the others may sit in a collective until its timeout. torchrun sees
+            # this exit and ends the other processes at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        dist.destroy_process_group()
+    return code
 
 
 def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
@@ -380,13 +412,18 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
     log = print if is_main else (lambda *_: None)
     device = evaluate.pick_device(args.device, *local_process())
     evaluate.use_device(device)  # the current GPU; fp32 stays fp32 (no TF32), as in evaluate.py
+    waiting = None  # the process group the others wait on while one process works
     if world_size > 1:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+        # device_id: NCCL uses this process's GPU from the first collective on (else it guesses
+        # it from the global rank, wrong on machines that run fewer processes than they have GPUs).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TRAINING_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
+        waiting = dist.new_group(backend="gloo", timeout=WAITING_TIMEOUT)
     amp_dtype = evaluate.autocast_dtype(args.precision, device)
 
     # --- data: every entry and image is checked before the CLIP is downloaded or pretrained -------
     if args.data in data.DEMO_SIZES:  # a demo set is drawn on first use, by one process per machine
-        once_per_machine(lambda: data.make_demo(args.data, args.root))
+        once_per_machine(lambda: data.make_demo(args.data, args.root), waiting)
     dataset = data.load_dataset(args.data, args.root)
     for line in dataset.report:  # what the authors' readers accept and so do we, said once per split
         log(line)
@@ -408,7 +445,7 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
     test_loaders = data.eval_loaders(dataset.test, args.image_size, 256, args.workers, pin)
 
     # --- the frozen CLIP (for the demo, its own tiny one), made once per machine ------------------
-    args.clip = once_per_machine(lambda: clip_file(args, device, log))
+    args.clip = once_per_machine(lambda: clip_file(args, device, log), waiting)
     clip_model = clip_min.load(args.clip, args.image_size, args.stride, device)
     # What a checkpoint needs to get this CLIP back; the SHA-256 of a CLIP file is taken once, here.
     backbone = evaluate.describe_backbone(args.method, args.clip, clip_model)
@@ -484,7 +521,7 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         if journal:  # forget what the run logged after this checkpoint, and a save it was killed in
             journal.seek(checkpoint["log_size"])
             journal.truncate()
-            for name in (name for name in os.listdir(args.out) if name.endswith(".pt.tmp")):
+            for name in (name for name in os.listdir(args.out) if name.endswith(".tmp")):
                 os.remove(os.path.join(args.out, name))
         record({"resumed_at_epoch": first_epoch + 1})
         log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
@@ -557,11 +594,11 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         # loaders draw their seeds from it): a resume restores each its own. The others wait here.
         rng_states = [torch.get_rng_state()] * world_size
         if world_size > 1:
-            dist.all_gather_object(rng_states, rng_states[0])
+            dist.all_gather_object(rng_states, rng_states[0], group=waiting)
         if is_main:
             save("last.pt", epoch, resumable=True)
         if world_size > 1:
-            dist.barrier()  # the other ranks wait while rank 0 saves
+            dist.barrier(group=waiting)  # the other ranks wait while rank 0 saves
 
     if last_epoch < args.epochs:
         log(f"stopped after epoch {last_epoch} as asked; continue with --resume {args.out}/last.pt")
@@ -583,6 +620,8 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
             rows = {"chance (random scores)": evaluate.chance_metrics(dataset.test),
                     "frozen CLIP, zero-shot": zero_shot, f"{args.method}, CLIP frozen": results}
             log("\ndemo test split:\n" + evaluate.format_table(rows))
+    if world_size > 1:
+        dist.barrier(group=waiting)  # the others wait while rank 0 tests, then all end together
 
 
 # ------------------------------------------------------------------------------------------------

@@ -90,14 +90,14 @@ def test_balance_loss_by_hand():
     second = [1 / (1 + e + e ** 3), e / (1 + e + e ** 3), e ** 3 / (1 + e + e ** 3)]
     mean_probability = [(a + b) / 2 for a, b in zip(first, second)]
     expected = 0.5 * mean_probability[0] + 1.0 * mean_probability[1] + 0.5 * mean_probability[2]
-    _, balance = mixture.route(h)
+    balance = dm_adapter.balance_loss(mixture.route(h)[1][None])  # one block's [P, f]
     assert math.isclose(balance.item(), expected, rel_tol=1e-6)  # 0.5897...
     # Perfectly even routing gives l = E * (1/E) * (k/E) = k/E, for each block.
     uniform = dm_adapter.MixtureOfAdapters(8, num_experts=6, top_k=2, reduction=1, scale=1.0)
     with torch.no_grad():
         uniform.router.input_gate.weight.zero_()
         uniform.router.task_gate.weight.zero_()
-    _, balance = uniform.route(torch.randn(12, 8))
+    balance = dm_adapter.balance_loss(uniform.route(torch.randn(12, 8))[1][None])
     assert math.isclose(balance.item(), 2 / 6, rel_tol=1e-6)
 
 
@@ -264,11 +264,12 @@ def test_balance_loss_is_the_sum_over_every_block_of_both_towers():
     per_block = {}
     for tower in ("vision_adapters", "text_adapters"):
         for index, mixture in enumerate(getattr(model, tower)):
-            mixture.register_forward_hook(lambda module, args, out, key=(tower, index): per_block.__setitem__(key, out[1]))
+            mixture.register_forward_hook(lambda module, args, out, key=(tower, index): per_block.__setitem__(
+                key, dm_adapter.balance_loss(out[1][None])))
     with torch.no_grad():
         out = model(images, ids, pids)
-        image_balance = model.image_features_and_balance(images)[1]
-        text_balance = model.text_features_and_balance(ids)[1]
+        image_balance = dm_adapter.balance_loss(model.image_features_and_routing(images)[1])
+        text_balance = dm_adapter.balance_loss(model.text_features_and_routing(ids)[1])
     assert len(per_block) == UNEVEN.vision_layers + UNEVEN.text_layers
     vision = sum(v for (tower, _), v in per_block.items() if tower == "vision_adapters")
     text = sum(v for (tower, _), v in per_block.items() if tower == "text_adapters")

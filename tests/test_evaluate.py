@@ -504,6 +504,18 @@ def test_an_interrupted_atomic_save_keeps_the_previous_file_and_no_temporary_one
     assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["state.pt"]
 
 
+def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
+    """As two machines writing one path on a shared file system: each writes a file of its own,
+    and the path holds one of them whole (a fixed "path.tmp" name mixed the two)."""
+    path = str(tmp_path / "clip.pt")
+    with clip_min.atomic_file(path) as first:
+        first.write(b"first, ")
+        with clip_min.atomic_file(path) as second:
+            second.write(b"second")
+        first.write(b"written last")
+    assert open(path, "rb").read() == b"first, written last" and os.listdir(tmp_path) == ["clip.pt"]
+
+
 def test_a_file_that_is_not_train_py_s_checkpoint_is_refused(tmp_path):
     path = tmp_path / "state_dict.pt"
     torch.save(AdaptedModel().state_dict(), path)  # a weights file, e.g. a CLIP state dict

@@ -191,7 +191,7 @@ def test_each_epoch_is_drawn_in_its_own_order(setup, tmp_path, monkeypatch):
 def test_an_interrupted_epoch_is_redone_without_repeating_the_log(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert train.main(arguments(setup, out, "--stop-after", "1", "--log-every", "1")) == 0
-    (out / "last.pt.tmp").write_bytes(b"half a save")  # a save that was killed
+    (out / "last.pt.5f3a9c1e2b4d.tmp").write_bytes(b"half a save")  # a save that was killed
     real_step, calls = torch.optim.Adam.step, []
 
     def step_then_interrupt(self, *args, **kwargs):
@@ -207,7 +207,7 @@ def test_an_interrupted_epoch_is_redone_without_repeating_the_log(setup, tmp_pat
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0  # still the last good epoch
     monkeypatch.setattr(torch.optim.Adam, "step", real_step)
     assert train.main(["--resume", str(out / "last.pt")]) == 0
-    assert not (out / "last.pt.tmp").exists()
+    assert not (out / "last.pt.5f3a9c1e2b4d.tmp").exists()
     steps = [(e["epoch"], e["step"]) for e in journal(out) if "step" in e]
     assert steps == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]
     # The interrupted attempt's lines, its "resumed" line too, were work that was redone: gone.
