@@ -687,10 +687,31 @@ def first_line(error: Exception) -> str:
     return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
 
 
-def read_state_dict(path: str, trust_jit: bool = False) -> dict:
-    """The tensors of a checkpoint file. Loading a TorchScript archive runs code from the file, so
-    it happens only for a file whose hash is a known release, or when the caller trusts it;
-    everything else goes through torch.load(weights_only=True), which runs no code."""
+# IRRA's released models (Jiang & Ye 2023, github.com/anosorae/IRRA) are torch.save'd dicts: "model"
+# holds its state dict, the CLIP under "base_model." (each key behind "module." when saved from
+# DDP) with its linear and conv weights in fp16 and no logit_scale (IRRA fixes the temperature at
+# 0.02), beside the heads it only trains with (cross-modal transformer, MLM head, classifier);
+# "optimizer", "scheduler" and epoch counters sit beside "model". IRRA evaluates that CLIP alone.
+IRRA_PREFIX = "base_model."
+
+
+def clip_of_irra(checkpoint: dict, path: str) -> tuple[dict, str]:
+    """(the CLIP's tensors, a line saying what was left out) of IRRA's checkpoint."""
+    model = {key.removeprefix("module."): value for key, value in checkpoint["model"].items()}
+    clip = {key.removeprefix(IRRA_PREFIX): value for key, value in model.items() if key.startswith(IRRA_PREFIX)}
+    if not clip:
+        raise CLIPError(f"{path} holds a 'model' entry, as IRRA's checkpoints do, but no CLIP under "
+                        f"'{IRRA_PREFIX}' in it (first keys: {', '.join(list(model)[:5]) or 'none'})")
+    heads = len(model) - len(clip)
+    clip.setdefault("logit_scale", torch.tensor(math.log(1 / 0.02)))  # unused by the methods
+    return clip, f"{path}: IRRA's checkpoint: its CLIP is used; {heads:,} tensors of IRRA's training heads are left out"
+
+
+def read_state_dict(path: str, trust_jit: bool = False) -> tuple[dict, str]:
+    """(the CLIP tensors of a checkpoint file, a line saying what else it held that was left out,
+    or ""). Loading a TorchScript archive runs code from the file, so it happens only for a file
+    whose hash is a known release, or when the caller trusts it; everything else goes through
+    torch.load(weights_only=True), which runs no code."""
     if not os.path.isfile(path):
         raise CLIPError(f"no such file: {path}")
     if is_torchscript(path):
@@ -701,7 +722,7 @@ def read_state_dict(path: str, trust_jit: bool = False) -> dict:
                             "trust_jit=True; otherwise save its state dict with torch.save")
         with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's files are TorchScript
             warnings.simplefilter("ignore", FutureWarning)
-            return dict(torch.jit.load(path, map_location="cpu").state_dict())
+            return dict(torch.jit.load(path, map_location="cpu").state_dict()), ""
     if os.path.getsize(path) == 0:
         raise CLIPError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
@@ -711,14 +732,17 @@ def read_state_dict(path: str, trust_jit: bool = False) -> dict:
                         f"{first_line(error)}") from None
     if not isinstance(state_dict, dict):
         raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    return state_dict
+    if isinstance(state_dict.get("model"), dict):
+        return clip_of_irra(state_dict, path)
+    return state_dict, ""
 
 
 def load(name_or_path: str = "ViT-B/16", image_size: tuple[int, int] = (384, 128), stride: int = 16,
          device: str | torch.device = "cpu", trust_jit: bool = False,
          cache_dir: str = DEFAULT_CACHE) -> CLIP:
     """A CLIP model from a release name (downloaded to `cache_dir`) or a file: an OpenAI
-    TorchScript archive or a plain state dict. Weights end up fp32 on `device`."""
+    TorchScript archive, a plain state dict, or IRRA's released checkpoint (its CLIP; what else
+    it holds is said in one line on stderr). Weights end up fp32 on `device`."""
     if name_or_path in RELEASES:
         path = download(name_or_path, cache_dir)
     elif os.path.exists(name_or_path):
@@ -728,4 +752,7 @@ def load(name_or_path: str = "ViT-B/16", image_size: tuple[int, int] = (384, 128
     else:
         raise CLIPError(f"unknown model name {name_or_path!r} (and no file of that name): the released "
                         f"models are {', '.join(RELEASES)}; or pass the path of a checkpoint file")
-    return build_model(read_state_dict(path, trust_jit), image_size, stride).to(device)
+    state_dict, left_out = read_state_dict(path, trust_jit)
+    if left_out:
+        print(left_out, file=sys.stderr)
+    return build_model(state_dict, image_size, stride).to(device)

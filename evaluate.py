@@ -1177,6 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
             for direction, rows in tables.items():
                 rows[names[source]] = directional_metrics(similarity, split.caption_pids, split.image_pids, direction)
         cut = f"; {split.num_truncated:,} captions cut to {clip_min.CONTEXT_LENGTH} tokens" if split.num_truncated else ""
+        print(dataset.verdict)  # the copy on disk against the published counts
         print(f"{dataset_name} {args.split}, {len(split.image_paths):,} images{cut}:")
         for direction, rows in tables.items():
             measured = next(iter(rows.values()))  # the same queries for every run

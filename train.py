@@ -255,7 +255,7 @@ def clip_shape(clip: str | None, data_name: str) -> tuple[int, int, int | None] 
     if clip in clip_min.RELEASES:  # "ViT-L/14@336px": patch 14; every release has 12 text layers, 12 or 24 image
         return int(clip.split("/")[1].split("@")[0]), 12, None
     try:
-        state_dict = clip_min.read_state_dict(clip)
+        state_dict, _ = clip_min.read_state_dict(clip)
         patch = state_dict["visual.conv1.weight"].shape[-1]
         positions = state_dict["visual.positional_embedding"].shape[0] - 1
         vision_layers, text_layers = clip_min.layer_counts(state_dict)  # the counts build_model uses

@@ -450,3 +450,73 @@ def test_sdm_loss_matches_a_direct_transcription():
         loss = loss + (p * (logits.log_softmax(dim=1) - torch.log(q + 1e-8))).sum(dim=1).mean()
     torch.testing.assert_close(clip_min.sdm_loss(images, texts, pids), loss)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# IRRA's released models: the CLIP inside them is what IRRA evaluates
+
+IRRA_HEADS = ("classifier.weight", "classifier.bias", "cross_attn.in_proj_weight", "ln_pre_t.weight",
+              "ln_pre_i.weight", "ln_post.weight", "cross_modal_transformer.resblocks.0.attn.in_proj_weight",
+              "mlm_head.dense.weight")
+
+
+def irra_converts(name: str) -> bool:
+    """What IRRA's convert_weights makes fp16: conv and linear weights and biases, attention's
+    in_proj, and the two projections; LayerNorms and embeddings stay fp32."""
+    return (name.endswith(("in_proj_weight", "in_proj_bias", "visual.proj", "text_projection", "conv1.weight"))
+            or ".out_proj." in name or ".mlp.c_" in name)
+
+
+def irra_checkpoint(clip_model: clip_min.CLIP, ddp: bool = False) -> dict:
+    """What IRRA's utils/checkpoint.py saves for a model around `clip_model`."""
+    model = {clip_min.IRRA_PREFIX + name: value.half() if irra_converts(name) else value
+             for name, value in clip_model.state_dict().items() if name != "logit_scale"}
+    generator = torch.Generator().manual_seed(7)
+    model.update({name: torch.randn(8, 8, generator=generator) for name in IRRA_HEADS})
+    if ddp:
+        model = {f"module.{name}": value for name, value in model.items()}
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.Adam([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    return {"model": model, "optimizer": optimizer.state_dict(), "num_epoch": 60, "iteration": 32_000,
+            "epoch": 60, "scheduler": {"last_epoch": 60, "base_lrs": [1e-5], "mode": "cosine"}}
+
+
+def person_clip(seed: int = 3) -> clip_min.CLIP:
+    """A tiny CLIP at a person-shaped size, as IRRA's at 384x128 (a 4x2 grid: not square)."""
+    torch.manual_seed(0)
+    config = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
+                                 vision_layers=2, text_width=64, text_layers=2)
+    return randomize_(clip_min.CLIP(config), seed).eval()
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["saved-plain", "saved-from-ddp"])
+def test_irra_s_checkpoint_gives_the_features_of_its_clip(tmp_path, capsys, ddp):
+    original = person_clip()
+    path = str(tmp_path / "best.pth")
+    torch.save(irra_checkpoint(original, ddp), path)
+    model = clip_min.load(path, image_size=(32, 16), stride=8)
+    assert capsys.readouterr().err == f"{path}: IRRA's checkpoint: its CLIP is used; 8 tensors of IRRA's " \
+                                      "training heads are left out\n"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # The CLIP it was made from, with the weights that IRRA keeps in fp16 rounded as it rounds them.
+    rounded = {name: value.half().float() if irra_converts(name) else value
+               for name, value in original.state_dict().items()}
+    expected = clip_min.build_model(rounded, image_size=(32, 16), stride=8).eval()
+    images, ids = torch.randn(2, 3, 32, 16), clip_min.tokenize(CAPTIONS[:2])
+    with torch.no_grad():
+        for encode in ("encode_image", "encode_text"):
+            ours, theirs = getattr(model, encode), getattr(expected, encode)
+            assert torch.equal(ours(images if encode == "encode_image" else ids),
+                               theirs(images if encode == "encode_image" else ids))
+        unrounded = original.encode_image(images)  # fp16 weights: about 3 significant digits
+        torch.testing.assert_close(model.encode_image(images), unrounded, rtol=1e-2, atol=1e-2)
+
+
+def test_a_dict_with_a_model_that_holds_no_clip_is_one_line(tmp_path):
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": {"encoder.weight": torch.zeros(2, 2)}, "epoch": 3}, path)
+    with pytest.raises(clip_min.CLIPError, match=f"^{path} holds a 'model' entry, as IRRA's checkpoints do, but no "
+                                                 r"CLIP under 'base_model\.' in it \(first keys: encoder\.weight\)$"):
+        clip_min.load(path)

@@ -23,6 +23,7 @@ import data
 import dm_adapter
 import evaluate
 import train
+from test_clip_min import irra_checkpoint
 
 TINY = clip_min.CLIPConfig(embed_dim=16, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=2, text_width=64, text_layers=2)
@@ -415,3 +416,18 @@ def test_test_metrics_say_what_the_checkpoint_was_selected_on(runs):
         expected = (f"val R1 {best['R1']:.2f} at epoch 1 of 1" if name == "demo"
                     else "the last epoch (epoch 1 of 1): demo-pretrain has no val split")
         assert reported["selected_on"] == expected
+
+
+def test_irra_s_released_model_runs_on_the_demo_set_and_a_model_without_clip_is_one_line(runs, tmp_path, capsys):
+    irra = str(tmp_path / "irra-best.pth")
+    torch.save(irra_checkpoint(clip_min.load(runs.clip, tuple(map(int, IMAGE_SIZE)), 8)), irra)
+    command = ["--method", "clip", "--clip", irra, "--data", "demo", "--root", runs.root, "--image-size",
+               *IMAGE_SIZE, "--stride", "8", "--workers", "0"]
+    assert evaluate.main(command) == 0
+    printed = capsys.readouterr()
+    assert "demo test, 6 images:" in printed.out and f"| {irra} zero-shot |" in printed.out
+    assert "IRRA's checkpoint: its CLIP is used" in printed.err
+    torch.save({"model": {"encoder.weight": torch.zeros(2, 2)}}, irra)
+    assert evaluate.main(command) == 1
+    assert capsys.readouterr().err == (f"error: {irra} holds a 'model' entry, as IRRA's checkpoints do, but no "
+                                       "CLIP under 'base_model.' in it (first keys: encoder.weight)\n")

@@ -23,6 +23,7 @@ import data
 import evaluate
 import train
 from conftest import TINY  # the CLIP of the `setup` fixture
+from test_clip_min import irra_checkpoint
 from test_data import undecodable_jpeg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -535,6 +536,23 @@ def test_evaluate_py_zero_shot_clip(setup, capsys):
     assert evaluate.main([*common, "--data", "CUHK-PEDES", "--split", "val"]) == 0
     printed = capsys.readouterr().out
     assert "CUHK-PEDES val, 6 images:" in printed and f"| {clip_path} zero-shot |" in printed
+
+
+def test_irra_s_released_model_is_a_clip_to_evaluate_and_to_fine_tune(setup, tmp_path, capsys):
+    root, clip_path = setup
+    irra = str(tmp_path / "irra-best.pth")  # IRRA's layout, saved from DDP, around the tiny CLIP
+    torch.save(irra_checkpoint(clip_min.load(clip_path, (32, 16), 8), ddp=True), irra)
+    common = ["--method", "clip", "--clip", irra, "--image-size", "32", "16", "--stride", "8",
+              "--root", str(root), "--workers", "0", "--data", "CUHK-PEDES"]
+    assert evaluate.main(common) == 0
+    printed = capsys.readouterr()
+    assert f"| {irra} zero-shot |" in printed.out and "CUHK-PEDES: NOT the published set" in printed.out
+    assert printed.err.count("8 tensors of IRRA's training heads are left out") == 1
+    out = tmp_path / "run"
+    assert train.main(for_method("finetune", arguments(setup, out, "--method", "finetune", "--clip", irra,
+                                                       "--epochs", "1", "--warmup-epochs", "0"))) == 0
+    assert capsys.readouterr().err.count("IRRA's checkpoint: its CLIP is used") == 1
+    assert (out / "test_metrics.json").exists()
 
 
 def test_two_process_torchrun_on_cpu_and_its_resume(setup, tmp_path, capsys):
