@@ -1,4 +1,4 @@
-"""CLIP from scratch, in one file: the tokenizer, the two towers, the losses, OpenAI's weights.
+"""CLIP from scratch in one file: the tokenizer, the two towers, the losses, OpenAI's weights.
 
 CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
 ICML 2021, arXiv 2103.00020) embeds an image and a sentence into one space, E dimensions wide:
@@ -10,26 +10,20 @@ and trains both towers so that cos(v_i, t_j) is high exactly when image i and ca
 together. Both towers are stacks of the same pre-norm transformer block
 
     x = x + attn(ln_1(x))
-    x = x + mlp(ln_2(x)),      mlp(x) = c_proj(QuickGELU(c_fc(x))),  QuickGELU(x) = x * sigmoid(1.702 x)
+    x = x + mlp(ln_2(x)),      mlp(x) = c_proj(QuickGELU(c_fc(x))),  QuickGELU(x) = x σ(1.702 x)
 
-The image tower is a Vision Transformer (Dosovitskiy et al., arXiv 2010.11929): a strided conv cuts
-the image into patches, a learned class token is prepended and a learned position embedding added.
-The text tower reads byte-pair-encoded tokens with causal attention; its feature is the output at
-the end-of-text token.
+The image tower is a Vision Transformer (Dosovitskiy et al., arXiv 2010.11929): a strided conv
+cuts the image into patches, a learned class token is prepended and a position embedding added.
+The text tower reads byte-pair-encoded tokens with causal attention; its feature is the output
+at the end-of-text token.
 
-This file reproduces OpenAI's model tensor for tensor, with OpenAI's state-dict names, so the
-released checkpoints load strictly. What differs is mechanics only: batch-first tensors (no
-[L, B, D] permutes), F.scaled_dot_product_attention (flash kernels, causal masking via
-`is_causal`), fp32 weights with autocast instead of fp16 weights, and person-shaped inputs
-(384x128 with a resized position grid, as text-based person retrieval needs).
-
-It also holds two losses, next to the model they train: CLIP's own symmetric InfoNCE, which the
-demo pretrains its tiny CLIP with, and the loss every method in this project trains with, SDM
-(Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for Text-to-Image Person
-Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
-
-Reading order: tokenizer -> model pieces -> the losses (InfoNCE, SDM) -> CLIP -> building from a
-state dict -> loading OpenAI's files.
+The model matches OpenAI's tensor for tensor, with OpenAI's state-dict names, so the released
+checkpoints load strictly. Only mechanics differ: batch-first tensors, scaled_dot_product_attention,
+fp32 weights under autocast instead of fp16 weights, and person-shaped inputs (384x128 with a
+resized position grid, as text-based person retrieval needs). Beside the model live its losses:
+CLIP's symmetric InfoNCE (the demo pretrains its tiny CLIP with it) and SDM, the loss every method
+here trains with (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for
+Text-to-Image Person Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
 """
 
 import contextlib
@@ -57,19 +51,19 @@ from torch.utils.checkpoint import checkpoint
 
 
 class CLIPError(Exception):
-    """The one error this module raises for a file it cannot use (the BPE vocabulary, weights): the
-    message names the file and says what to do."""
+    """A file this module cannot use (the BPE vocabulary, weights): one line naming it."""
 
 
 # ------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE exactly as OpenAI's simple_tokenizer.py
 # ------------------------------------------------------------------------------------------------
-# Text is cleaned, split into words by a regex, each word's UTF-8 bytes are mapped to printable
-# characters, and the BPE merges (in rank order) glue characters into vocabulary symbols. A
-# symbol that ends a word carries the suffix "</w>". Ids: 256 byte symbols, the same 256 with
-# "</w>", one id per merge, then <|startoftext|> and <|endoftext|>.
+# Text is cleaned and split into words by a regex; each word's UTF-8 bytes become printable
+# characters, and the BPE merges (in rank order) glue them into vocabulary symbols, the last one
+# of a word marked "</w>". Ids: 256 byte symbols, the same with "</w>", one per merge, then
+# <|startoftext|> and <|endoftext|>.
 
-VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "bpe_simple_vocab_16e6.txt.gz")
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 NUM_MERGES = 48894  # lines 1..48894 of the vocabulary file (line 0 is a header)
 SOT_TOKEN = 49406  # <|startoftext|>
@@ -83,13 +77,11 @@ WORD_PATTERN = regex.compile(
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """A reversible map from the 256 byte values to printable characters.
-
-    Printable Latin-1 bytes stand for themselves; the others (whitespace, control) are moved to
-    code points 256 and up, so that no BPE symbol is ever whitespace. The insertion order of the
-    dict is the order of the first 256 vocabulary ids.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """A reversible map from the 256 byte values to printable characters, so that no BPE symbol
+    is whitespace: printable Latin-1 bytes stand for themselves, the others move to 256 and up.
+    The dict's order is the order of the first 256 vocabulary ids."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     mapping = {byte: chr(byte) for byte in printable}
     for byte in range(256):
         if byte not in mapping:
@@ -104,16 +96,15 @@ def clean_text(text: str) -> str:
 
 
 class Tokenizer:
-    """Byte-level BPE tokenizer; `encode` gives OpenAI's ids for any text, `decode` inverts it."""
+    """Byte-level BPE; `encode` gives OpenAI's ids for any text, `decode` inverts it."""
 
     def __init__(self, vocab_path: str = VOCAB_PATH):
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
         if not os.path.isfile(vocab_path):
-            raise CLIPError(
-                f"the BPE vocabulary {vocab_path} is missing. Tokenizing text needs it: it ships with this "
-                "project next to clip_min.py, and inside the PyPI wheels of clip-anytorch and open_clip_torch "
-                f"(SHA-256 {VOCAB_SHA256}); put it next to clip_min.py")
+            raise CLIPError(f"the BPE vocabulary {vocab_path} is missing; it ships next to "
+                            "clip_min.py, and in the PyPI wheels of clip-anytorch and "
+                            f"open_clip_torch (SHA-256 {VOCAB_SHA256})")
         with gzip.open(vocab_path, "rt", encoding="utf-8") as file:
             lines = file.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
@@ -125,7 +116,7 @@ class Tokenizer:
         # The special tokens written literally in a text become their ids, as in OpenAI's code.
         self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
         if self.encoder["<|endoftext|>"] != EOT_TOKEN:
-            raise ValueError(f"{vocab_path} is not CLIP's BPE vocabulary (expected {EOT_TOKEN + 1} ids)")
+            raise ValueError(f"{vocab_path} is not CLIP's BPE vocabulary ({EOT_TOKEN + 1} ids)")
 
     def bpe(self, word: str) -> list[str]:
         """Merge the characters of one word, lowest-ranked pair first, until no pair is a merge."""
@@ -133,12 +124,11 @@ class Tokenizer:
             return self.cache[word]
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.merge_rank.get(pair, math.inf))
             if best not in self.merge_rank:
                 break
             merged, i = [], 0
-            while i < len(parts):  # merge every occurrence, left to right, without overlap
+            while i < len(parts):  # every occurrence, left to right, without overlap
                 if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
                     merged.append(parts[i] + parts[i + 1])
                     i += 2
@@ -167,24 +157,22 @@ def default_tokenizer() -> Tokenizer:
     return Tokenizer()
 
 
-def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False) -> torch.Tensor:
+def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH,
+             truncate: bool = False) -> torch.Tensor:
     """Texts -> LongTensor [N, context_length]: [SOT, ids..., EOT, 0, 0, ...].
 
     A text longer than the context raises ValueError, unless `truncate`, which keeps the first
-    `context_length` tokens and puts EOT last (what person-retrieval training does).
-    """
+    `context_length` tokens and puts EOT last (what person-retrieval training does)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    tokenizer = default_tokenizer()
     result = torch.zeros(len(texts), context_length, dtype=torch.long)  # [N, L]
     for row, text in enumerate(texts):
-        ids = [SOT_TOKEN, *tokenizer.encode(text), EOT_TOKEN]
+        ids = [SOT_TOKEN, *default_tokenizer().encode(text), EOT_TOKEN]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(
-                    f"text {row} has {len(ids)} tokens, more than the context length {context_length}; "
-                    f"shorten it or pass truncate=True: {text[:80]!r}")
-            ids = ids[:context_length]
-            ids[-1] = EOT_TOKEN
+                raise ValueError(f"text {row} has {len(ids)} tokens, more than the context "
+                                 f"length {context_length}; shorten it or pass truncate=True: "
+                                 f"{text[:80]!r}")
+            ids = ids[: context_length - 1] + [EOT_TOKEN]
         result[row, : len(ids)] = torch.tensor(ids)
     return result
 
@@ -208,7 +196,7 @@ def decode(ids: torch.Tensor | list[int]) -> str | list[str]:
 # ------------------------------------------------------------------------------------------------
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x). CLIP was trained with this approximation; nn.GELU changes every feature."""
+    """x * sigmoid(1.702 x): CLIP was trained with it; nn.GELU would change every feature."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -221,10 +209,10 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
         if heads < 1 or width % heads:
-            raise ValueError(f"width {width} must be a positive multiple of the number of heads {heads}")
+            raise ValueError(f"width {width} must be a positive multiple of the heads, {heads}")
         self.heads = heads
         self.causal = causal  # text: a token sees only itself and earlier tokens
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # [3D, D]: q, k, v stacked
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # [3D, D]: q, k, v
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
@@ -259,9 +247,11 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, causal) for _ in range(layers))
-        # OpenAI's initialisation, used only when training from scratch (loaded weights replace it).
-        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, causal) for _ in range(layers))
+        # OpenAI's initialisation, for training from scratch (loaded weights replace it).
+        attn_std, fc_std = width ** -0.5, (2 * width) ** -0.5
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
         for block in self.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -293,16 +283,17 @@ class VisionTransformer(nn.Module):
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=stride, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], width))
+        positions = 1 + self.grid[0] * self.grid[1]
+        self.positional_embedding = nn.Parameter(scale * torch.randn(positions, width))
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, layers, heads=width // 64)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, 1 + N, W]: class token and patches, position embedding added (no ln_pre)."""
-        patches = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W], row-major over the grid
-        class_token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)  # [B, 1, W]
+        """[B, 3, H, W] -> [B, 1 + N, W]: class token and patches with positions (no ln_pre)."""
+        patches = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W], grid row-major
+        class_token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
         return torch.cat([class_token, patches], dim=1) + self.positional_embedding  # [B, 1 + N, W]
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -337,37 +328,31 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's contrastive loss over a batch of B matching pairs (pair i: image i, caption i).
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's contrastive loss over B matching pairs (Radford et al. 2021, Figure 3):
 
-    OpenAI's definition (Radford et al. 2021, Figure 3), with v and t the L2-normalised features:
-
-        logits = exp(logit_scale) * v @ t.T                       [B, B]: images x captions
+        logits = exp(logit_scale) * v @ t.T          [B, B], v and t L2-normalised
         L = (cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2,   i = 0..B-1
 
-    a softmax over the captions for each image and over the images for each caption, the matching
-    pair the target. `logit_scale` is the learned log of 1 / temperature (CLIP.logit_scale).
-    Every other pair in the batch counts as a negative, even one of the same person: fine for
-    pretraining on captions of distinct images, which is where this project uses it (the demo's
-    tiny CLIP); SDM below is the loss for batches holding several captions of one identity.
-    Computed in fp32 whatever the autocast context.
-    """
+    Every other pair of the batch is a negative, even one of the same person: right for
+    pretraining on captions of distinct images (the demo's tiny CLIP); SDM below is the loss for
+    batches with several captions of one identity."""
     with torch.autocast(image_features.device.type, enabled=False):
         image_features = F.normalize(at_least_fp32(image_features), dim=-1)  # [B, E]
         text_features = F.normalize(at_least_fp32(text_features), dim=-1)  # [B, E]
-        logits = at_least_fp32(logit_scale).exp() * image_features @ text_features.T  # [B, B]: images x captions
+        logits = at_least_fp32(logit_scale).exp() * image_features @ text_features.T  # [B, B]
         matching = torch.arange(len(logits), device=logits.device)  # pair i's caption is caption i
         return (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
 
 
 def processes() -> int:
-    """How many processes share each batch: torchrun's world size once torch.distributed is set
-    up, else 1."""
+    """How many processes share each batch: torchrun's world size once it is set up, else 1."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _GatherShares(torch.autograd.Function):
-    """All processes' shares [B, ...] in rank order -> [N*B, ...], differentiable back to the own share."""
+    """Every process's share [B, ...] in rank order -> [N*B, ...]; differentiable (own rows)."""
 
     @staticmethod
     def forward(ctx, share: torch.Tensor) -> torch.Tensor:
@@ -381,43 +366,39 @@ class _GatherShares(torch.autograd.Function):
         # holds the same gradient for it: no communication is needed. The own rows times N are
         # what an all-reduce (a sum over N equal copies) would give; DDP's average over the N
         # processes then brings the weights' gradients back to exactly one process's.
-        return gradient.chunk(dist.get_world_size())[dist.get_rank()] * dist.get_world_size()
+        world_size = dist.get_world_size()
+        return gradient.chunk(world_size)[dist.get_rank()] * world_size
 
 
 def gather_shares(share: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> [N*B, ...]: the whole batch, from every process's equal share (rank order);
-    gradients flow back to this process's own rows. The share itself with one process."""
+    """[B, ...] -> [N*B, ...]: the whole batch from every process's equal share (rank order);
+    gradients flow back to this process's rows. The share itself with one process."""
     return share if processes() == 1 else _GatherShares.apply(share)
 
 
 def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor,
              temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
-    """Similarity distribution matching over a batch of B image-caption pairs.
+    """Similarity distribution matching over B image-caption pairs:
 
         q_ij = y_ij / sum_k y_ik,    y_ij = [pid_i == pid_j]
         p^{i2t}_i = softmax_j(s * cos(v_i, t_j)),   p^{t2i}_i = softmax_j(s * cos(t_i, v_j))
         L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / temperature
 
-    The target spreads evenly over every pair of the same identity (a batch often holds several
-    captions of one person). With one caption per identity q is the identity matrix: CLIP's own
-    contrastive setting, with the same one-hot target as its InfoNCE loss (which is the
-    cross-entropy, i.e. KL(q || p); SDM measures KL(p || q) with log(q + epsilon)).
-    The default temperature, 0.02 (s = 50), is the value IRRA and both methods use.
-    Computed in fp32 whatever the autocast context.
+    The target spreads evenly over every pair of the same identity. With one caption per
+    identity q is the identity matrix, CLIP's setting (InfoNCE is KL(q || p); SDM measures
+    KL(p || q), with log(q + epsilon)). 0.02 is the temperature of IRRA and both methods.
 
     Under torchrun each process holds a share of the batch: the shares are gathered first, so
-    that SDM runs over the whole batch (every negative) and every process computes the loss one
-    process would; with DDP's gradient average the gradients are one process's too.
-    """
+    SDM runs over the whole batch and every process computes the loss one process would."""
     with torch.autocast(image_features.device.type, enabled=False):
-        # [B, E] -> [N*B, E] under torchrun: the whole batch; pids need no gradient.
-        image_features = gather_shares(at_least_fp32(image_features))
-        text_features = gather_shares(at_least_fp32(text_features))
-        pids = gather_shares(pids)  # [B] -> [N*B]
-        image_features = F.normalize(image_features, dim=-1)  # [B, E]
-        text_features = F.normalize(text_features, dim=-1)  # [B, E]
+        image_features = gather_shares(at_least_fp32(image_features))  # [B, E], all processes'
+        text_features = gather_shares(at_least_fp32(text_features))  # [B, E]
+        pids = gather_shares(pids)  # [B]
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
         same_identity = (pids[:, None] == pids[None, :]).to(image_features.dtype)  # [B, B]
-        log_target = torch.log(same_identity / same_identity.sum(dim=1, keepdim=True) + epsilon)  # [B, B]
+        target = same_identity / same_identity.sum(dim=1, keepdim=True)  # [B, B]
+        log_target = torch.log(target + epsilon)
         image_to_text = image_features @ text_features.T / temperature  # [B, B]
 
         def kl_to_target(logits: torch.Tensor) -> torch.Tensor:
@@ -437,24 +418,26 @@ class CLIP(nn.Module):
         self.config = config
         self.visual = VisionTransformer(config.image_size, config.patch_size, config.stride,
                                         config.vision_width, config.vision_layers, config.embed_dim)
-        self.transformer = Transformer(config.text_width, config.text_layers, config.text_width // 64, causal=True)
+        self.transformer = Transformer(config.text_width, config.text_layers,
+                                       config.text_width // 64, causal=True)
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
-        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
+        self.positional_embedding = nn.Parameter(
+            torch.empty(config.context_length, config.text_width))
         self.ln_final = nn.LayerNorm(config.text_width)
         self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
-        # CLIP's learned temperature. The person-retrieval methods fix it (SDM's s = 50) and never
-        # read it; it is kept so that OpenAI's checkpoints load strictly.
+        # CLIP's learned temperature. The person-retrieval methods fix theirs and never read it;
+        # it is kept so that OpenAI's checkpoints load strictly.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=config.text_width ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing in both towers (open_clip's name for it): the backward pass
-        recomputes each block's forward instead of keeping its activations, so a training step
-        keeps one tensor per block instead of dozens, for one more forward pass of compute. The
-        loss and every gradient are the same (bit for bit on the CPU)."""
-        self.visual.transformer.grad_checkpointing = self.transformer.grad_checkpointing = enable
+        """Activation checkpointing in both towers: the backward pass recomputes each block
+        instead of keeping its activations, for one more forward pass of compute; the loss and
+        every gradient are the same (bit for bit on the CPU)."""
+        self.visual.transformer.grad_checkpointing = enable
+        self.transformer.grad_checkpointing = enable
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
         return self.visual(images)
@@ -464,8 +447,8 @@ class CLIP(nn.Module):
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
 
     def pool_text(self, tokens: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """[B, L, w] -> [B, E]: the token at each caption's EOT, normalised and projected.
-        (ln_final is per token, so normalising only the EOT token equals OpenAI's order.)"""
+        """[B, L, w] -> [B, E]: the token at each caption's EOT, normalised and projected (ln_final
+        works per token, so normalising only the EOT token equals OpenAI's order)."""
         eot_tokens = tokens[torch.arange(len(tokens), device=tokens.device), eot_index]  # [B, w]
         return self.ln_final(eot_tokens) @ self.text_projection
 
@@ -483,7 +466,7 @@ class CLIP(nn.Module):
 # Building a model from a state dict: every hyper-parameter is read off the tensors' shapes
 # ------------------------------------------------------------------------------------------------
 
-_RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # non-tensor entries in OpenAI's files
+RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # non-weights in OpenAI's
 
 
 def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, int],
@@ -500,23 +483,20 @@ def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, i
 
 def layer_counts(state_dict: dict) -> tuple[int, int]:
     """(image tower's blocks, text tower's blocks), counted from the state dict's keys."""
-    vision_layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
-    text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
-    return vision_layers, text_layers
+    vision = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
+    text = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+    return vision, text
 
 
 def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None = None,
                            stride: int | None = None) -> tuple[CLIPConfig, tuple[int, int]]:
-    """(config, the grid the checkpoint's position embedding was stored at).
-
-    A square grid of n*n positions is resized to whatever `image_size` and `stride` need. A
-    non-square grid (a checkpoint saved from a person-shaped model) is used as it is, so it needs
-    the `image_size` and `stride` it was saved with.
-    """
+    """(config, the grid the position embedding is stored at). A square grid is resized to
+    whatever `image_size` and `stride` need; a person-shaped one (saved from a person-shaped
+    model) is used as it is, so it needs the image size and stride it was saved with."""
     if "visual.proj" not in state_dict:
         if any(key.startswith("visual.layer1.") for key in state_dict):
-            raise CLIPError("this is a ResNet CLIP checkpoint (RN50, RN101, ...), which is not supported: "
-                            "use a ViT model such as ViT-B/16")
+            raise CLIPError("this is a ResNet CLIP checkpoint (RN50, RN101, ...), which is not "
+                            "supported: use a ViT model such as ViT-B/16")
         raise CLIPError("not a CLIP ViT state dict: the key 'visual.proj' is missing "
                         f"(first keys: {', '.join(list(state_dict)[:5]) or 'none'})")
     patch_size = state_dict["visual.conv1.weight"].shape[-1]
@@ -526,12 +506,12 @@ def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None 
     if side * side == positions:
         stored_grid = (side, side)
         image_size = tuple(image_size or (side * patch_size, side * patch_size))
-    elif image_size is not None and math.prod(patch_grid(tuple(image_size), patch_size, stride)) == positions:
+    elif image_size and math.prod(patch_grid(tuple(image_size), patch_size, stride)) == positions:
         stored_grid = patch_grid(tuple(image_size), patch_size, stride)
     else:
-        raise CLIPError(f"the position embedding holds {positions} patches, not a square grid, and "
-                        f"image_size={image_size}, stride={stride} does not give {positions} patches: "
-                        "pass the image size and stride this checkpoint was trained with")
+        raise CLIPError(f"the position embedding holds {positions} patches, not a square grid, "
+                        f"and image_size={image_size}, stride={stride} does not give {positions} "
+                        "patches: pass the image size and stride this checkpoint was trained with")
     vision_layers, text_layers = layer_counts(state_dict)
     config = CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
@@ -550,50 +530,41 @@ def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None 
 
 def build_model(state_dict: dict, image_size: tuple[int, int] | None = None,
                 stride: int | None = None) -> CLIP:
-    """A CLIP with the given weights (fp32) at `image_size` (H, W; default: the checkpoint's own
-    square size) and patch `stride` (default: the patch size)."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in _RELEASE_EXTRAS}
+    """A CLIP with the given weights, in fp32 whatever the file holds (OpenAI's are fp16), at
+    `image_size` (H, W; default: the checkpoint's own square size) and patch `stride` (default:
+    the patch size)."""
+    state_dict = {k: v for k, v in state_dict.items() if k not in RELEASE_EXTRAS}
     try:
         config, stored_grid = config_from_state_dict(state_dict, image_size, stride)
+        with torch.device("meta"):  # no memory and no random init for weights replaced at once
+            model = CLIP(config)
     except KeyError as missing:
         raise CLIPError(f"not a CLIP ViT state dict: the key {missing} is missing") from None
-    except ValueError as error:  # an image smaller than a patch, or heads that do not divide the width
-        raise CLIPError(str(error)) from None
-    # Master weights in fp32 whatever the file holds (OpenAI's are fp16): autocast does the rest.
+    except ValueError as error:  # an image smaller than a patch, heads that do not divide the width
+        raise CLIPError(f"these weights do not make a CLIP model: {error}") from None
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     positional = state_dict["visual.positional_embedding"]
-    if positional.ndim == 2:  # a wrong shape is reported by the shape check below
+    if positional.ndim == 2:  # a wrong shape is reported by load_state_dict
         new_grid = patch_grid(config.image_size, config.patch_size, config.stride)
-        state_dict["visual.positional_embedding"] = resize_positional_embedding(positional, stored_grid, new_grid)
-
-    with torch.device("meta"):  # no memory and no random init for weights that are replaced at once
-        try:
-            model = CLIP(config)
-        except ValueError as error:
-            raise CLIPError(f"these weights do not make a CLIP model: {error}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise CLIPError(f"the state dict does not match CLIP's layout: missing keys {missing or 'none'}; "
-                        f"unexpected keys {unexpected or 'none'}")
-    wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-             for k, v in state_dict.items() if v.shape != expected[k].shape]
-    if wrong:
-        raise CLIPError("tensors with the wrong shape: " + "; ".join(wrong))
-    model.load_state_dict(state_dict, strict=True, assign=True)
+        positional = resize_positional_embedding(positional, stored_grid, new_grid)
+        state_dict["visual.positional_embedding"] = positional
+    try:  # reports missing keys, unexpected keys and wrong shapes, all at once
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise CLIPError(" ".join(str(error).split())) from None
     return model
 
 
 # ------------------------------------------------------------------------------------------------
-# OpenAI's released weights: download, verify, load safely
+# OpenAI's released weights: download, verify, load safely; and IRRA's released models
 # ------------------------------------------------------------------------------------------------
 
 RELEASES = {  # name -> (SHA-256 of the file, file name); the URL holds the hash
     "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
     "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
     "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
-    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+                       "ViT-L-14-336px.pt"),
 }
 RELEASE_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clip")
@@ -610,9 +581,9 @@ def file_sha256(path: str) -> str:
 @contextlib.contextmanager
 def atomic_file(path: str):
     """A binary file to write that appears at `path` only once complete, and durably: written
-    under a name of its own beside `path` (random, created exclusively: processes on machines
-    that share a file system never write into one file), flushed to the disk, renamed over
-    `path`, and the rename flushed too. An error or Ctrl-C inside the block leaves the previous
+    under a name of its own beside `path` (random and created exclusively, so that processes on
+    machines sharing a file system never write into one file), flushed to the disk, renamed
+    over `path`, the rename flushed too. An error or Ctrl-C inside the block leaves the previous
     file whole and no temporary one."""
     temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
@@ -648,88 +619,87 @@ def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            # The cache folder is made only now, when there is a file to write into it.
-            os.makedirs(cache_dir, exist_ok=True)
-            with atomic_file(target) as out:  # renamed into place only once complete and verified
-                total = int(response.headers.get("Content-Length") or 0)
-                done = 0
+            os.makedirs(cache_dir, exist_ok=True)  # only now, when there is a file to write
+            with atomic_file(target) as out:  # in place only once complete and verified
+                total, done = int(response.headers.get("Content-Length") or 0), 0
                 while block := response.read(1 << 20):
                     out.write(block)
                     digest.update(block)
                     done += len(block)
                     percent = f" {100 * done / total:3.0f}%" if total else ""
-                    print(f"\rdownloading {file_name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB{percent}",
-                          end="", file=sys.stderr, flush=True)
+                    print(f"\rdownloading {file_name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB"
+                          f"{percent}", end="", file=sys.stderr, flush=True)
                 print(file=sys.stderr)
                 if digest.hexdigest() != sha256:
-                    raise CLIPError(f"the download of {url} is corrupt: SHA-256 {digest.hexdigest()}, "
-                                    f"expected {sha256}; run again")
+                    raise CLIPError(f"the download of {url} is corrupt: SHA-256 "
+                                    f"{digest.hexdigest()}, expected {sha256}; run again")
     except (urllib.error.URLError, OSError) as error:
-        raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, download "
-                        f"that file elsewhere and put it at {target} (SHA-256 {sha256})") from None
+        raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, "
+                        f"download that file elsewhere and put it at {target} (SHA-256 {sha256})"
+                        ) from None
     return target
 
 
+def load_file(path: str):
+    """What torch.save wrote at `path`, read without running code from the file
+    (weights_only=True); a file that is not one is a one-line CLIPError."""
+    if not os.path.isfile(path):
+        raise CLIPError(f"no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise CLIPError(f"{path} is empty (0 bytes), not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling fails in many ways; all mean the same to a user
+        raise CLIPError(f"could not read {path}: not a file saved with torch.save, or one that "
+                        f"would run code when loaded ({type(error).__name__})") from None
+
+
 def is_torchscript(path: str) -> bool:
-    """TorchScript archives are zip files that carry code (`code/`, `constants.pkl`); plain
-    torch.save files are zips (or legacy pickles) without it."""
+    """TorchScript archives are zip files that carry code (`code/`, `constants.pkl`)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
+        names = archive.namelist()
+    return any("/code/" in name or name.endswith("constants.pkl") for name in names)
 
 
-def first_line(error: Exception) -> str:
-    """The line of torch.load's error that says what is wrong. Its messages run over many lines of
-    advice; for weights_only refusals the reason follows "WeightsUnpickler error:"."""
-    text = str(error).split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
-
-
-# IRRA's released models (Jiang & Ye 2023, github.com/anosorae/IRRA) are torch.save'd dicts: "model"
-# holds its state dict, the CLIP under "base_model." (each key behind "module." when saved from
-# DDP) with its linear and conv weights in fp16 and no logit_scale (IRRA fixes the temperature at
-# 0.02), beside the heads it only trains with (cross-modal transformer, MLM head, classifier);
-# "optimizer", "scheduler" and epoch counters sit beside "model". IRRA evaluates that CLIP alone.
+# IRRA's released models (github.com/anosorae/IRRA) are dicts: "model" holds its state dict, the
+# CLIP under "base_model." (each key behind "module." when saved from DDP) with its linear and
+# conv weights in fp16 and no logit_scale (IRRA fixes the temperature at 0.02), beside heads it
+# only trains with (cross-modal transformer, MLM head, classifier); "optimizer", "scheduler" and
+# epoch counters sit beside "model". IRRA evaluates that CLIP alone.
 IRRA_PREFIX = "base_model."
 
 
 def clip_of_irra(checkpoint: dict, path: str) -> tuple[dict, str]:
     """(the CLIP's tensors, a line saying what was left out) of IRRA's checkpoint."""
     model = {key.removeprefix("module."): value for key, value in checkpoint["model"].items()}
-    clip = {key.removeprefix(IRRA_PREFIX): value for key, value in model.items() if key.startswith(IRRA_PREFIX)}
+    clip = {key.removeprefix(IRRA_PREFIX): value
+            for key, value in model.items() if key.startswith(IRRA_PREFIX)}
     if not clip:
-        raise CLIPError(f"{path} holds a 'model' entry, as IRRA's checkpoints do, but no CLIP under "
-                        f"'{IRRA_PREFIX}' in it (first keys: {', '.join(list(model)[:5]) or 'none'})")
+        first_keys = ", ".join(list(model)[:5]) or "none"
+        raise CLIPError(f"{path} holds a 'model' entry, as IRRA's checkpoints do, but no CLIP "
+                        f"under '{IRRA_PREFIX}' in it (first keys: {first_keys})")
     heads = len(model) - len(clip)
     clip.setdefault("logit_scale", torch.tensor(math.log(1 / 0.02)))  # unused by the methods
-    return clip, f"{path}: IRRA's checkpoint: its CLIP is used; {heads:,} tensors of IRRA's training heads are left out"
+    return clip, (f"{path}: IRRA's checkpoint: its CLIP is used; {heads:,} tensors of IRRA's "
+                  "training heads are left out")
 
 
 def read_state_dict(path: str, trust_jit: bool = False) -> tuple[dict, str]:
-    """(the CLIP tensors of a checkpoint file, a line saying what else it held that was left out,
-    or ""). Loading a TorchScript archive runs code from the file, so it happens only for a file
-    whose hash is a known release, or when the caller trusts it; everything else goes through
-    torch.load(weights_only=True), which runs no code."""
-    if not os.path.isfile(path):
-        raise CLIPError(f"no such file: {path}")
-    if is_torchscript(path):
+    """(the CLIP tensors of a checkpoint file, a line saying what else it held, or ""). A
+    TorchScript archive runs code from the file when loaded, so it is loaded only when its hash
+    is a known release or the caller trusts it; everything else goes through `load_file`."""
+    if os.path.isfile(path) and is_torchscript(path):
         sha256 = file_sha256(path)
         if not trust_jit and sha256 not in {h for h, _ in RELEASES.values()}:
-            raise CLIPError(f"{path} is a TorchScript archive whose SHA-256 ({sha256}) is not an OpenAI "
-                            "release; loading it runs code from the file. If you trust it, pass "
-                            "trust_jit=True; otherwise save its state dict with torch.save")
-        with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's files are TorchScript
+            raise CLIPError(f"{path} is a TorchScript archive whose SHA-256 ({sha256}) is not an "
+                            "OpenAI release; loading it runs code from the file. If you trust it, "
+                            "pass trust_jit=True; otherwise save its state dict with torch.save")
+        with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(path, map_location="cpu").state_dict()), ""
-    if os.path.getsize(path) == 0:
-        raise CLIPError(f"{path} is empty (0 bytes), not a checkpoint")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors have many types; all mean the same to a user
-        raise CLIPError(f"could not read {path} as a state dict saved with torch.save: "
-                        f"{first_line(error)}") from None
+    state_dict = load_file(path)
     if not isinstance(state_dict, dict):
         raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     if isinstance(state_dict.get("model"), dict):
@@ -737,21 +707,19 @@ def read_state_dict(path: str, trust_jit: bool = False) -> tuple[dict, str]:
     return state_dict, ""
 
 
-def load(name_or_path: str = "ViT-B/16", image_size: tuple[int, int] = (384, 128), stride: int = 16,
-         device: str | torch.device = "cpu", trust_jit: bool = False,
+def load(name_or_path: str = "ViT-B/16", image_size: tuple[int, int] = (384, 128),
+         stride: int = 16, device: str | torch.device = "cpu", trust_jit: bool = False,
          cache_dir: str = DEFAULT_CACHE) -> CLIP:
-    """A CLIP model from a release name (downloaded to `cache_dir`) or a file: an OpenAI
-    TorchScript archive, a plain state dict, or IRRA's released checkpoint (its CLIP; what else
-    it holds is said in one line on stderr). Weights end up fp32 on `device`."""
+    """A CLIP from a release name (downloaded to `cache_dir`) or a file: an OpenAI TorchScript
+    archive, a state dict, or IRRA's released model (its CLIP; what else it holds is said in one
+    line on stderr). The weights end up fp32 on `device`."""
     if name_or_path in RELEASES:
         path = download(name_or_path, cache_dir)
-    elif os.path.exists(name_or_path):
+    elif os.path.exists(name_or_path) or os.path.splitext(name_or_path)[1]:  # a file name
         path = name_or_path
-    elif os.path.splitext(name_or_path)[1]:  # looks like a file name (release names have no extension)
-        raise CLIPError(f"no such file: {name_or_path}")
     else:
-        raise CLIPError(f"unknown model name {name_or_path!r} (and no file of that name): the released "
-                        f"models are {', '.join(RELEASES)}; or pass the path of a checkpoint file")
+        raise CLIPError(f"unknown model name {name_or_path!r} (and no file of that name): the "
+                        f"released models are {', '.join(RELEASES)}; or pass a checkpoint's path")
     state_dict, left_out = read_state_dict(path, trust_jit)
     if left_out:
         print(left_out, file=sys.stderr)

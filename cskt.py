@@ -31,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 
 import clip_min
 
-
 # T_0's initial words. Their ids are written out so that building CSKT needs neither the tokenizer
 # nor its vocabulary file: clip_min.tokenize(INIT_TEXT)[0, 1:9].
 INIT_TEXT = "a photo of a person or a pedestrian"
@@ -55,28 +54,29 @@ class Adapter(nn.Module):
         return self.scale * self.up(F.relu(self.down(self.ln_3(x))))
 
 
-def adapted_block(block: clip_min.ResidualAttentionBlock, adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
+def adapted_block(block: clip_min.ResidualAttentionBlock, adapter: Adapter,
+                  x: torch.Tensor) -> torch.Tensor:
     """One frozen CLIP block with DAT's adapter beside its MLP."""
     x = x + block.attn(block.ln_1(x))
     return x + block.mlp(block.ln_2(x)) + adapter(x)
 
 
 def layout_caption_ids(ids: torch.Tensor, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids as clip_min.tokenize makes them -> ([SOT, num_prompts slots, caption, EOT, 0...], EOT index).
+    """Ids as clip_min.tokenize makes them -> ([SOT, prompt slots, caption, EOT, 0...], EOT index).
 
     The caption moves right to make room for the prompt slots (whose ids do not matter: their
-    embeddings are replaced) and is cut to what fits, L - 2 - num_prompts tokens (67 for 77 and 8),
-    with EOT after it. A new tensor: the caller's ids are not changed.
-    """
+    embeddings are replaced) and is cut to what fits, L - 2 - num_prompts tokens (67 for 77 and
+    8), with EOT after it. A new tensor: the caller's ids are not changed."""
     # The authors rewrite each caption in a Python loop, in place on the batch; this is the same
     # layout for the whole batch at once.
     batch, length = ids.shape
     room = length - 2 - num_prompts
     caption_length = (ids.argmax(dim=-1) - 1).clamp(max=room)  # [B]: tokens between SOT and EOT
     positions = torch.arange(length, device=ids.device)  # [L]
-    shifted = ids.gather(1, (positions - num_prompts).clamp(min=0).expand(batch, length))  # [B, L]
+    source = (positions - num_prompts).clamp(min=0).expand(batch, length)  # [B, L]
+    shifted = ids.gather(1, source)  # [B, L]: the caption moved right
     first = 1 + num_prompts
-    is_caption = (positions >= first) & (positions < first + caption_length[:, None])  # [B, L]
+    is_caption = (positions >= first) & (positions < first + caption_length[:, None])
     laid_out = torch.where(is_caption, shifted, 0)  # [B, L]
     laid_out[:, 0] = clip_min.SOT_TOKEN
     eot_index = first + caption_length  # [B]
@@ -85,15 +85,17 @@ def layout_caption_ids(ids: torch.Tensor, num_prompts: int) -> tuple[torch.Tenso
 
 
 class CSKT(nn.Module):
-    def __init__(self, clip_model: clip_min.CLIP, n_ctx: int = 4, depth: int = 12, reduction: int = 8,
-                 vision_scale: float = 0.1, text_scale: float = 4.0):
+    def __init__(self, clip_model: clip_min.CLIP, n_ctx: int = 4, depth: int = 12,
+                 reduction: int = 8, vision_scale: float = 0.1, text_scale: float = 4.0):
         super().__init__()
         self.clip = clip_model.requires_grad_(False).eval()
         visual = clip_model.visual
-        vision_width, text_width = visual.conv1.out_channels, clip_model.ln_final.normalized_shape[0]
+        vision_width = visual.conv1.out_channels
+        text_width = clip_model.ln_final.normalized_shape[0]
         layers = min(len(visual.transformer.resblocks), len(clip_model.transformer.resblocks))
         if not 1 <= depth <= layers:
-            raise ValueError(f"depth must be between 1 and the number of layers ({layers}), got {depth}")
+            raise ValueError(f"depth must be between 1 and the number of layers ({layers}), "
+                             f"got {depth}")
         self.n_ctx, self.depth = n_ctx, depth
 
         # BPT. T_0 starts from the pretrained embeddings of the first n_ctx tokens of INIT_TEXT
@@ -109,10 +111,12 @@ class CSKT(nn.Module):
         self.text_prompts = nn.ParameterList(
             [nn.Parameter(first_text_prompts)]
             + [nn.Parameter(0.02 * torch.randn(n_ctx, text_width)) for _ in range(depth - 1)])
-        self.vision_prompts = nn.ParameterList(
-            nn.Parameter(0.02 * torch.randn(n_ctx, vision_width)) for _ in range(depth))  # V_l [n, W]
-        self.text_to_vision = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(depth))
-        self.vision_to_text = nn.ModuleList(nn.Linear(vision_width, text_width) for _ in range(depth))
+        self.vision_prompts = nn.ParameterList(  # V_l [n, W]
+            nn.Parameter(0.02 * torch.randn(n_ctx, vision_width)) for _ in range(depth))
+        self.text_to_vision = nn.ModuleList(
+            nn.Linear(text_width, vision_width) for _ in range(depth))
+        self.vision_to_text = nn.ModuleList(
+            nn.Linear(vision_width, text_width) for _ in range(depth))
         for linear in (*self.text_to_vision, *self.vision_to_text):
             nn.init.normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
@@ -127,10 +131,11 @@ class CSKT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's forward in the backward pass instead of keeping its activations
-        (the frozen blocks' activations are kept otherwise: prompts and adapters sit in every one)."""
+        (which the frozen blocks keep too: prompts and adapters sit in every one)."""
         self.grad_checkpointing = enable
 
-    def run_block(self, block: clip_min.ResidualAttentionBlock, adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, block: clip_min.ResidualAttentionBlock, adapter: Adapter,
+                  x: torch.Tensor) -> torch.Tensor:
         # Checkpointing keeps only the block's input; the backward pass runs the block again.
         if self.grad_checkpointing:
             return checkpoint(adapted_block, block, adapter, x, use_reentrant=False)
@@ -144,10 +149,12 @@ class CSKT(nn.Module):
     # --- BPT: the 2n prompt tokens of each tower at layer l ---------------------------------------
 
     def text_layer_prompts(self, layer: int) -> torch.Tensor:  # [2n, w] = [T_l, V2T_l(V_l)]
-        return torch.cat([self.text_prompts[layer], self.vision_to_text[layer](self.vision_prompts[layer])])
+        projected = self.vision_to_text[layer](self.vision_prompts[layer])
+        return torch.cat([self.text_prompts[layer], projected])
 
     def vision_layer_prompts(self, layer: int) -> torch.Tensor:  # [2n, W] = [T2V_l(T_l), V_l]
-        return torch.cat([self.text_to_vision[layer](self.text_prompts[layer]), self.vision_prompts[layer]])
+        projected = self.text_to_vision[layer](self.text_prompts[layer])
+        return torch.cat([projected, self.vision_prompts[layer]])
 
     # --- the two towers ------------------------------------------------------------------------
 
@@ -155,9 +162,10 @@ class CSKT(nn.Module):
         visual, num_prompts = self.clip.visual, 2 * self.n_ctx
         # Patches at clip_min's configured stride (the authors' CSKT conv strode by the patch size).
         x = visual.embed(images)  # [B, 1 + N, W]: class token and patches, with positions
-        for layer, (block, adapter) in enumerate(zip(visual.transformer.resblocks, self.vision_adapters)):
+        blocks = zip(visual.transformer.resblocks, self.vision_adapters)
+        for layer, (block, adapter) in enumerate(blocks):
             if layer < self.depth:
-                prompts = self.vision_layer_prompts(layer).to(x.dtype).expand(len(x), -1, -1)  # [B, 2n, W]
+                prompts = self.vision_layer_prompts(layer).to(x.dtype).expand(len(x), -1, -1)
                 if layer == 0:  # appended after the patches, without a position, then ln_pre
                     x = visual.ln_pre(torch.cat([x, prompts], dim=1))  # [B, 1 + N + 2n, W]
                 else:  # replace what the previous layer made of the prompts
@@ -169,10 +177,11 @@ class CSKT(nn.Module):
         num_prompts = 2 * self.n_ctx
         ids, eot_index = layout_caption_ids(ids, num_prompts)
         x = self.clip.token_embedding(ids)  # [B, L, w]
-        for layer, (block, adapter) in enumerate(zip(self.clip.transformer.resblocks, self.text_adapters)):
+        blocks = zip(self.clip.transformer.resblocks, self.text_adapters)
+        for layer, (block, adapter) in enumerate(blocks):
             if layer < self.depth:
-                prompts = self.text_layer_prompts(layer).to(x.dtype).expand(len(x), -1, -1)  # [B, 2n, w]
-                x = torch.cat([x[:, :1], prompts, x[:, 1 + num_prompts:]], dim=1)  # at positions 1..2n
+                prompts = self.text_layer_prompts(layer).to(x.dtype).expand(len(x), -1, -1)
+                x = torch.cat([x[:, :1], prompts, x[:, 1 + num_prompts:]], dim=1)  # at 1..2n
                 if layer == 0:  # the prompts get positions like the words
                     x = x + self.clip.positional_embedding[: x.shape[1]]
             x = self.run_block(block, adapter, x)  # causal: words see the prompts, not vice versa
@@ -180,5 +189,6 @@ class CSKT(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, pids: torch.Tensor,
                 temperature: float = 0.02) -> dict:
-        loss = clip_min.sdm_loss(self.encode_image(images), self.encode_text(ids), pids, temperature)
+        image_features, text_features = self.encode_image(images), self.encode_text(ids)
+        loss = clip_min.sdm_loss(image_features, text_features, pids, temperature)
         return {"loss": loss, "sdm": loss}

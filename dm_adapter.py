@@ -37,7 +37,7 @@ class Expert(nn.Module):
 
     def __init__(self, width: int, reduction: int):
         super().__init__()
-        self.down = nn.Linear(width, width // reduction)  # weight: PyTorch's kaiming-uniform (a = sqrt 5)
+        self.down = nn.Linear(width, width // reduction)  # weight: kaiming-uniform (a = sqrt 5)
         self.up = nn.Linear(width // reduction, width)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)  # every expert outputs 0 at first: the model starts as CLIP
@@ -63,18 +63,20 @@ class DomainAwareRouter(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             h = clip_min.at_least_fp32(h)
             token_logits = F.linear(h, self.input_gate.weight.to(h.dtype))  # [T, E]
-            domain_logits = F.linear(self.domain_prompt.to(h.dtype), self.task_gate.weight.to(h.dtype))  # [E]
+            domain_prompt = self.domain_prompt.to(h.dtype)
+            domain_logits = F.linear(domain_prompt, self.task_gate.weight.to(h.dtype))  # [E]
             alpha = self.alpha.to(h.dtype)
             return (1 - alpha) * token_logits + alpha * domain_logits
 
 
 class MixtureOfAdapters(nn.Module):
-    """Sparse Mixture-of-Adapters with its router: x -> (s * y, load-balancing loss l)."""
+    """Sparse Mixture-of-Adapters with its router: x -> (s * y, the routing statistics [P, f])."""
 
     def __init__(self, width: int, num_experts: int, top_k: int, reduction: int, scale: float):
         super().__init__()
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+            raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}), "
+                             f"got {top_k}")
         self.top_k, self.scale = top_k, scale
         self.ln_3 = nn.LayerNorm(width)
         self.experts = nn.ModuleList(Expert(width, reduction) for _ in range(num_experts))
@@ -86,7 +88,8 @@ class MixtureOfAdapters(nn.Module):
         with torch.autocast(h.device.type, enabled=False):  # logits, top-k and softmax all in fp32
             logits = self.router(h)  # [T, E]
             top_logits, chosen = logits.topk(self.top_k, dim=-1)  # [T, k], [T, k]
-            gates = torch.zeros_like(logits).scatter(1, chosen, top_logits.softmax(dim=-1))  # [T, E]
+            weights = top_logits.softmax(dim=-1)  # [T, k]
+            gates = torch.zeros_like(logits).scatter(1, chosen, weights)  # [T, E]
             # Load balancing: P_e, the mean router probability, is differentiable; f_e, the
             # fraction of tokens that chose e, is a count. balance_loss multiplies them.
             mean_probability = logits.softmax(dim=-1).mean(dim=0)  # [E]
@@ -110,7 +113,8 @@ class MixtureOfAdapters(nn.Module):
         up_weight = torch.cat([e.up.weight for e in self.experts], dim=1)  # [d, E*r]
         up_bias = torch.stack([e.up.bias for e in self.experts])  # [E, d]
         hidden = F.relu(F.linear(h, down_weight, down_bias))  # [T, E*r]
-        gated = hidden.unflatten(1, (len(self.experts), -1)) * gates[:, :, None].to(hidden.dtype)  # [T, E, r]
+        hidden = hidden.unflatten(1, (len(self.experts), -1))  # [T, E, r]
+        gated = hidden * gates[:, :, None].to(hidden.dtype)  # [T, E, r]
         y = F.linear(gated.flatten(1), up_weight) + gates.to(up_bias.dtype) @ up_bias  # [T, d]
         return self.scale * y.view_as(x), statistics
 
@@ -122,7 +126,8 @@ def balance_loss(statistics: torch.Tensor) -> torch.Tensor:
     Under torchrun P and f are means over the tokens of the whole batch, as with one process:
     every process holds as many tokens, so they are the means of the processes' means (l, a
     product of two means, is not the mean of the l's). All blocks are gathered at once."""
-    mean_probability, chosen_fraction = clip_min.gather_shares(statistics[None]).mean(dim=0).unbind(1)
+    statistics = clip_min.gather_shares(statistics[None]).mean(dim=0)  # [N, blocks, 2, E] -> mean
+    mean_probability, chosen_fraction = statistics.unbind(1)  # [blocks, E] each
     return (mean_probability * chosen_fraction).sum()  # [blocks, E] -> []
 
 
@@ -135,13 +140,15 @@ def adapted_block(block: clip_min.ResidualAttentionBlock, mixture: MixtureOfAdap
 
 
 class DMAdapter(nn.Module):
-    def __init__(self, clip_model: clip_min.CLIP, num_experts: int = 6, top_k: int = 2, reduction: int = 8,
-                 aux_weight: float = 0.5, vision_scale: float = 0.1, text_scale: float = 4.0):
+    def __init__(self, clip_model: clip_min.CLIP, num_experts: int = 6, top_k: int = 2,
+                 reduction: int = 8, aux_weight: float = 0.5, vision_scale: float = 0.1,
+                 text_scale: float = 4.0):
         super().__init__()
         self.clip = clip_model.requires_grad_(False).eval()
         self.aux_weight = aux_weight
         visual = clip_model.visual
-        vision_width, text_width = visual.conv1.out_channels, clip_model.ln_final.normalized_shape[0]
+        vision_width = visual.conv1.out_channels
+        text_width = clip_model.ln_final.normalized_shape[0]
         # The authors' code also registers parameters that its forward pass never uses (395,776
         # at ViT-B/16); they are left out here.
         self.vision_adapters = nn.ModuleList(
@@ -202,5 +209,5 @@ class DMAdapter(nn.Module):
         image_features, image_routing = self.image_features_and_routing(images)
         text_features, text_routing = self.text_features_and_routing(ids)
         sdm = clip_min.sdm_loss(image_features, text_features, pids, temperature)
-        aux = balance_loss(torch.cat([image_routing, text_routing]))  # over every block of both towers
+        aux = balance_loss(torch.cat([image_routing, text_routing]))  # every block, both towers
         return {"loss": sdm + self.aux_weight * aux, "sdm": sdm, "aux": aux}
