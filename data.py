@@ -31,7 +31,9 @@ the archive's caption_all.json, split by id ranges (split_by_id_ranges).
 every image in full.
 """
 
+import argparse
 import hashlib
+import math
 import json
 import os
 import random
@@ -579,8 +581,9 @@ def load_image(path: str) -> Image.Image:
 class CaptionImageDataset(torch.utils.data.Dataset):
     """Training samples of a TrainSplit: one per (image, caption) pair."""
 
-    def __init__(self, split: TrainSplit, transform, mask_captions: bool = False):
+    def __init__(self, split: TrainSplit, transform, mask_captions: bool = False, image_size=(384, 128)):
         self.split, self.transform, self.mask_captions = split, transform, mask_captions
+        self.image_size = image_size
         # Tokenized once, when the split was read: byte-pair encoding per item and epoch would cost
         # more than decoding the image.
         self.ids = split.ids  # [N, 77]
@@ -594,25 +597,33 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             # No generator: torch's RNG of the worker process, which the DataLoader seeds from its
             # generator (or the main process's RNG without workers), like the image augmentation.
             ids = mask_caption_ids(ids[None])[0]
-        image, cut_short = decode_image(self.split.image_paths[self.split.image_index[i]])
-        return {"images": self.transform(image), "ids": ids, "pids": self.split.pids[i],
-                "image_index": self.split.image_index[i], "cut_short": torch.tensor(cut_short)}
+        try:
+            image, cut_short = decode_image(self.split.image_paths[self.split.image_index[i]])
+            images, problem = self.transform(image), ""
+        except DataError as error:
+            images, cut_short, problem = torch.zeros(3, *self.image_size), False, str(error)
+        return {"images": images, "ids": ids, "pids": self.split.pids[i],
+                "image_index": self.split.image_index[i], "cut_short": torch.tensor(cut_short),
+                "problem": problem}
 
 
 class ImageList(torch.utils.data.Dataset):
     """Images in the order given, transformed: the gallery for evaluation."""
 
-    def __init__(self, paths: list[str], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[str], transform, image_size=(384, 128)):
+        self.paths, self.transform, self.image_size = paths, transform, image_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image, cut_short = decode_image(self.paths[i])
+    def __getitem__(self, i: int):
+        try:
+            image, cut_short = decode_image(self.paths[i])
+        except DataError as error:
+            return torch.zeros(3, *self.image_size), str(error)
         if cut_short:  # said each time it is read: a gallery is read once per evaluation
             print(f"data.py: {self.paths[i]}: file cut short, decoded with its missing part filled", file=sys.stderr)
-        return self.transform(image)
+        return self.transform(image), ""
 
 
 PREFETCH = 4  # batches each worker keeps ready; images are small, decoding is the bottleneck
@@ -624,7 +635,7 @@ def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int
     """Shuffled batches of the (image, caption) pairs of `split` at `image_size` (H, W), the last
     incomplete one dropped; augmented images and masked captions if asked. Under DDP call
     sampler.set_epoch(e). pin_memory: for a CUDA device (page-locked batches copy asynchronously)."""
-    dataset = CaptionImageDataset(split, build_transform(image_size, train=augment), mask_captions)
+    dataset = CaptionImageDataset(split, build_transform(image_size, train=augment), mask_captions, image_size)
     sampler, rank = None, 0
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
@@ -644,9 +655,53 @@ def eval_loaders(split: EvalSplit | TrainSplit, image_size: tuple[int, int], bat
     """(gallery images [B, 3, H, W], query ids [B, 77]), both in split order, the images at
     `image_size` (H, W) without augmentation. Captions are never masked. (Of a TrainSplit: its
     images once each, and its captions.)"""
-    images = DataLoader(ImageList(split.image_paths, build_transform(image_size)), batch_size, num_workers=workers,
-                        pin_memory=pin_memory, persistent_workers=workers > 0)
-    return images, DataLoader(split.ids, batch_size)  # [Nq, 77] rows: a tensor is a dataset of its rows
+    images = image_loader(split.image_paths, image_size, batch_size, workers, pin_memory)
+    return images, DataLoader(split.ids, batch_size)
+
+
+def image_loader(paths, image_size, batch_size=256, workers=0, pin_memory=False):
+    return DataLoader(ImageList(paths, build_transform(image_size), image_size), batch_size, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def check_batch(batch) -> int:
+    problems = [problem for problem in batch["problem"] if problem]
+    if problems:
+        raise DataError(problems[0])
+    return int(batch["cut_short"].sum())
+
+
+def number(kind, minimum=None, above=None, below=None):
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
+        return value
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_output_folder(parser, flag, folder):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"argument {flag}: {folder} is a file, not a folder")
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")  # [Nq, 77] rows: a tensor is a dataset of its rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -904,8 +959,7 @@ def check(name: str, root: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import evaluate  # its one-line flag errors, as train.py's and evaluate.py's (it imports this file)
-    parser = evaluate.ArgumentParser(description="Check a person-retrieval dataset, or draw the demo sets.")
+    parser = ArgumentParser(description="Check a person-retrieval dataset, or draw the demo sets.")
     parser.add_argument("--check", metavar="NAME", choices=list(DATASETS),
                         help=f"scan dataset NAME ({', '.join(DATASETS)}), decode every image, report every "
                              "problem with counts per split and whether they are the published ones; exit "

@@ -461,22 +461,23 @@ def run_eval(args):
     image_loader = torch.utils.data.DataLoader(images, args.batch_size, pin_memory=device.type == "cuda")
     caption_loader = torch.utils.data.DataLoader(captions, args.batch_size, pin_memory=device.type == "cuda")
     amp_dtype = evaluate.autocast_dtype("auto", device)  # what evaluate.py uses by default
-    evaluate.extract_features(model, [images[:2]], [captions[:2]], device, amp_dtype, log_every=0)  # warm-up
+    model.eval()
+    evaluate.encode(model.encode_image, [images[:2]], device, amp_dtype, "images", 0)  # warm-up
+    evaluate.encode(model.encode_text, [captions[:2]], device, amp_dtype, "captions", 0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    # One caption (or one image) rides along with the other side: extract_features encodes both.
-    image_features, _ = evaluate.extract_features(model, image_loader, [captions[:1]], device, amp_dtype, log_every=0)
+    image_features = evaluate.encode(model.encode_image, image_loader, device, amp_dtype, "images", 0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     image_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    caption_features = evaluate.extract_features(model, [images[:1]], caption_loader, device, amp_dtype, log_every=0)[1]
+    caption_features = evaluate.encode(model.encode_text, caption_loader, device, amp_dtype, "captions", 0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     caption_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    evaluate.retrieval_metrics(evaluate.similarity_from_features(caption_features, image_features),
+    evaluate.retrieval_metrics(caption_features @ image_features.T,
                                caption_pids, image_pids)
     metric_seconds = time.perf_counter() - started
     row = {"method": args.method, "device": str(device), "images": args.images, "captions": args.captions,

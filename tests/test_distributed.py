@@ -258,7 +258,7 @@ def test_an_error_under_torchrun_exits_at_once_without_shutting_the_group_down(m
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
 
-    def failing_run(args, open_files):
+    def failing_run(args):
         raise train.TrainingError("the loss became NaN")
 
     monkeypatch.setattr(train, "run", failing_run)
@@ -266,5 +266,5 @@ def test_an_error_under_torchrun_exits_at_once_without_shutting_the_group_down(m
         train.main([])
     assert calls == ["exit 1"]  # no graceful shutdown, which with NCCL waits for the others
     assert capsys.readouterr().err == "error: process 1: the loss became NaN\n"
-    monkeypatch.setattr(train, "run", lambda args, open_files: None)
+    monkeypatch.setattr(train, "run", lambda args: None)
     assert train.main([]) == 0 and calls == ["exit 1", "destroy"]  # a success shuts down gracefully

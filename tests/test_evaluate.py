@@ -12,6 +12,7 @@ from PIL import Image
 
 import clip_min
 import evaluate
+import train
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -316,8 +317,8 @@ def test_extract_features_gives_normalised_features_of_the_model(capsys):
     model = TinyModel()
     images = torch.randn(10, 3, 8, 4)
     captions = torch.randint(100, (7, clip_min.CONTEXT_LENGTH))
-    # DataLoaders over plain tensors yield plain tensor batches, the loader contract.
-    image_loader = torch.utils.data.DataLoader(images, batch_size=3)
+    # The loader contract of data.image_loader: batches of images and a message per image.
+    image_loader = torch.utils.data.DataLoader(list(zip(images, [""] * len(images))), batch_size=3)
     caption_loader = torch.utils.data.DataLoader(captions, batch_size=4)
     image_features, caption_features = evaluate.extract_features(model, image_loader, caption_loader, "cpu")
 
@@ -330,13 +331,13 @@ def test_extract_features_gives_normalised_features_of_the_model(capsys):
     assert image_features.dtype == caption_features.dtype == torch.float32
     assert torch.allclose(image_features.norm(dim=-1), torch.ones(10))
 
-    similarity = evaluate.similarity_from_features(caption_features, image_features)
+    similarity = caption_features @ image_features.T
     assert similarity.shape == (7, 10)
     assert torch.allclose(similarity[2, 5], caption_features[2] @ image_features[5])
 
 
 def test_extract_features_reports_progress_when_asked(capsys):
-    loader = torch.utils.data.DataLoader(torch.randn(8, 3, 8, 4), batch_size=2)
+    loader = torch.utils.data.DataLoader([(image, "") for image in torch.randn(8, 3, 8, 4)], batch_size=2)
     captions = torch.utils.data.DataLoader(torch.randint(100, (2, clip_min.CONTEXT_LENGTH)), batch_size=2)
     evaluate.extract_features(TinyModel(), loader, captions, "cpu", log_every=2)
     assert capsys.readouterr().err.count("batches of images") == 2
@@ -361,13 +362,13 @@ def test_retrieval_grid_is_a_png_with_green_and_red_frames(tmp_path):
     picture = Image.open(path)
     assert picture.format == "PNG"
     cell_height, cell_width = 192, 64
-    pitch = cell_width + 2 * evaluate.GRID_PADDING
-    assert picture.width == 5 * pitch
+    pitch = cell_width + evaluate.GRID_PADDING  # torchvision's make_grid: padding between and around
+    assert picture.width == 5 * pitch + evaluate.GRID_PADDING
     assert picture.height > cell_height + 2 * evaluate.GRID_PADDING
     picture = picture.convert("RGB")
     for index, is_correct in enumerate(correct):
         image_left = index * pitch + evaluate.GRID_PADDING
-        frame = column_colours(picture, image_left - 1)      # the frame lies just left of the image
+        frame = column_colours(picture, image_left)  # the frame lies over the image's edge
         expected, other = ((evaluate.CORRECT_COLOUR, evaluate.WRONG_COLOUR) if is_correct
                            else (evaluate.WRONG_COLOUR, evaluate.CORRECT_COLOUR))
         assert expected in frame and other not in frame
@@ -477,7 +478,7 @@ class AdaptedModel(nn.Module):
 
 def test_trained_weights_fit_only_a_model_with_exactly_those_weights():
     model = AdaptedModel()
-    trained = evaluate.trained_state(model)
+    trained = train.trained_state(model)
     assert sorted(trained) == ["adapter.bias", "adapter.weight"]  # the backbone is not saved
     evaluate.load_trained(AdaptedModel(), trained, "best.pt")
     with pytest.raises(evaluate.CheckpointError, match=r"best\.pt does not fit this model: .*missing \['adapter\.bias'\]"):
@@ -486,21 +487,16 @@ def test_trained_weights_fit_only_a_model_with_exactly_those_weights():
         evaluate.load_trained(AdaptedModel(), {**trained, "extra": torch.zeros(1)}, "best.pt")
 
 
-def test_an_interrupted_atomic_save_keeps_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
+def test_an_interrupted_atomic_save_keeps_the_previous_file_and_no_temporary_one(tmp_path):
     path = str(tmp_path / "state.pt")
-    evaluate.save_atomically({"epoch": 1}, path)
-    real_save = torch.save
-
-    def interrupted(obj, file):  # half the file written, then Ctrl-C
-        file.write(b"half a file")
+    with clip_min.atomic_file(path) as file:
+        torch.save({"epoch": 1}, file)
+    with pytest.raises(KeyboardInterrupt), clip_min.atomic_file(path) as file:
+        file.write(b"half a file")  # then Ctrl-C
         raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.save_atomically({"epoch": 2}, path)
-    monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["state.pt"]
-    evaluate.save_atomically({"epoch": 2}, path)
+    with clip_min.atomic_file(path) as file:
+        torch.save({"epoch": 2}, file)
     assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["state.pt"]
 
 

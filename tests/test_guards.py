@@ -38,7 +38,7 @@ def script_val_r1(monkeypatch, r1_values):
     evaluated, values = [], iter(r1_values)
 
     def scripted(model, loaders, split, *args, **kwargs):
-        evaluated.append((split_name(split), evaluate.trained_state(model)))
+        evaluated.append((split_name(split), train.trained_state(model)))
         metrics = EVALUATE_LOADERS(model, loaders, split, *args, **kwargs)
         return {**metrics, "R1": next(values)} if evaluated[-1][0] == "val" else metrics
 
@@ -172,7 +172,7 @@ def test_evaluate_py_reports_several_runs_as_mean_and_std_in_both_directions(set
     for path in paths:
         model, _ = evaluate.load_checkpoint(path)
         image_features, caption_features = evaluate.extract_features(model, *data.eval_loaders(test, (32, 16)), "cpu")
-        similarity = evaluate.similarity_from_features(caption_features, image_features)
+        similarity = caption_features @ image_features.T
         i2t.append(evaluate.directional_metrics(similarity, test.caption_pids, test.image_pids, "i2t"))
     for direction, runs in [("t2i", reported), ("i2t", i2t)]:
         title = f"{evaluate.DIRECTIONS[direction]} ({direction})"

@@ -470,7 +470,7 @@ def test_help_shows_each_default_once_and_the_demo_recipe():
     typed = parser.parse_args(listed)
     assert {k: getattr(typed, k) for k in train.DEMO_RECIPE} == {
         k: list(v) if isinstance(v, tuple) else v for k, v in train.DEMO_RECIPE.items()}
-    assert "(default: 60)" in text and "(default: 384 128)" in text
+    assert "(default: 60)" in text and "(default: (384, 128))" in text
 
 
 def test_evaluate_py_help_shows_no_empty_default(capsys):
