@@ -10,7 +10,6 @@ and the flag conventions of both scripts. Part II is what only `python evaluate.
       I.3  Features: encoding a split's images and captions, and free-text queries
       I.4  Evaluating a model on a split, and tables of results (one run, or mean ± std of several)
       I.5  Checkpoints: saving and reading them, building a method around a CLIP, runs to average
-      I.6  Flag helpers: number, ArgumentParser, HelpFormatter, check_output_folder
     Part II  evaluate.py's command line
       II.1 Pictures of what was retrieved
       II.2 Searching a folder of images
@@ -74,6 +73,7 @@ import clip_min
 import cskt
 import data
 import dm_adapter
+from data import ArgumentParser, check_output_folder, number
 
 # ------------------------------------------------------------------------------------------------
 # I.1 Metrics
@@ -279,11 +279,23 @@ def use_device(device: torch.device) -> None:
 # I.3 Features
 # ------------------------------------------------------------------------------------------------
 
+def image_tensor(batch: torch.Tensor | list) -> torch.Tensor:
+    """A batch of data.image_loader, [images, a message per file], as its images (DataError on the
+    first file that could not be read); a plain tensor batch as it is."""
+    if isinstance(batch, list):
+        images, messages = batch
+        if any(messages):
+            raise data.DataError(next(message for message in messages if message))
+        return images
+    return batch
+
+
 def _encode_batches(encode: Callable, loader: Iterable, device: torch.device, name: str,
                     log_every: int) -> torch.Tensor:
     """Encode every batch of `loader` (plain tensors) and return the L2-normalised fp32 features."""
     features = []
     for batch_index, batch in enumerate(loader):
+        batch = image_tensor(batch)
         # non_blocking overlaps the copy with compute when the loader pins memory.
         features.append(F.normalize(encode(batch.to(device, non_blocking=True)).float(), dim=-1))
         if log_every and (batch_index + 1) % log_every == 0:
@@ -582,62 +594,6 @@ def check_runs_agree(checkpoints: dict[str, dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# I.6 Flag helpers: the command-line conventions both scripts share
-# ------------------------------------------------------------------------------------------------
-
-def number(kind: type, minimum: float | None = None, above: float | None = None,
-           below: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` (int or float) with bounds, so that a bad value is the
-    parser's one-line error (exit 2) rather than a traceback halfway through a run."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text}")
-        return value
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but a bad flag is one line (exit 2) that names it and what is allowed,
-    without the usage block, which for train.py is longer than the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after a flag's text, but only where it says something: not for a
-    flag without a default (None), nor after a text that states its own default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        if isinstance(action.default, (tuple, list)):  # as it is typed: "384 128", not "(384, 128)"
-            return f"{action.help} (default: {' '.join(map(str, action.default))})"
-        return super()._get_help_string(action)
-
-
-def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
-    """A folder we may create or write into: not a file, and under a writable existing parent."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        parser.error(f"argument {flag}: {folder} is a file, not a folder")
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        parser.error(f"argument {flag}: cannot write into {parent} (read-only or not a folder)")
-
-
-# ------------------------------------------------------------------------------------------------
 # II.1 Pictures of what was retrieved
 # ------------------------------------------------------------------------------------------------
 
@@ -655,7 +611,7 @@ def _as_rgb_image(image: str | Image.Image | torch.Tensor) -> Image.Image:
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         return to_pil_image(image.detach().float().clamp(0, 1).cpu())
-    return data.load_image(str(image))
+    return data.decode_image(str(image))[0]
 
 
 def _word_gap(font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw) -> float:
@@ -778,7 +734,7 @@ def _decode_gallery_batch(image_size: tuple[int, int], paths: list[str]) -> tupl
     transform, images, messages = data.build_transform(image_size), [], []
     for path in paths:
         try:
-            images.append(transform(data.load_image(path)))
+            images.append(transform(data.decode_image(path)[0]))
             messages.append("")
         except data.DataError as error:
             images.append(torch.zeros(3, *image_size))
@@ -902,7 +858,7 @@ def routed_experts(model: dm_adapter.DMAdapter, tower: str, batches: Iterable,
              for block, mixture in enumerate(mixtures)]
     try:
         for batch in batches:
-            batch = batch.to(device)
+            batch = image_tensor(batch).to(device)
             (model.encode_image if tower == "image" else model.encode_text)(batch)
             yield batch, torch.stack(picks)                                       # [blocks, T, k]
     finally:
@@ -1068,19 +1024,21 @@ def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSpl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
-                                     "on a dataset split; optionally draw what was retrieved.",
-                                     formatter_class=HelpFormatter)
+                                     "on a dataset split; optionally draw what was retrieved.")
+    # Flags without a default, or whose help tells it in words: None until given (not shown).
+    parser.set_defaults(checkpoints=None, method=None, image_size=None, stride=None, data=None, query=None,
+                        gallery=None, routing_caption=None)
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", nargs="+", dest="checkpoints", metavar="CHECKPOINT",
+    model.add_argument("--checkpoint", nargs="+", dest="checkpoints", metavar="CHECKPOINT", default=argparse.SUPPRESS,
                        help="a best.pt or last.pt written by train.py; several (runs of one method, dataset "
                        "and image size, e.g. seeds) add their mean ± sample std")
-    model.add_argument("--method", choices=["clip"], help="'clip': evaluate frozen CLIP zero-shot (a baseline)")
+    model.add_argument("--method", choices=["clip"], default=argparse.SUPPRESS, help="'clip': evaluate frozen CLIP zero-shot (a baseline)")
     parser.add_argument("--clip", default="ViT-B/16", help="with --method clip: a release name or checkpoint file")
-    parser.add_argument("--image-size", type=number(int, minimum=1), nargs=2, default=None, metavar=("H", "W"),
+    parser.add_argument("--image-size", type=number(int, minimum=1), nargs=2, default=argparse.SUPPRESS, metavar=("H", "W"),
                         help="with --method clip: input size (default 384 128); a checkpoint uses its own")
-    parser.add_argument("--stride", type=number(int, minimum=1), default=None,
+    parser.add_argument("--stride", type=number(int, minimum=1), default=argparse.SUPPRESS,
                         help="with --method clip: patch stride (default 16); a checkpoint uses its own")
-    parser.add_argument("--data", default=None, choices=list(data.DATASETS),
+    parser.add_argument("--data", default=argparse.SUPPRESS, choices=list(data.DATASETS),
                         help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--root", default="data", help="folder holding the datasets")
     parser.add_argument("--split", default="test", choices=["test", "val"], help="which split to evaluate")
@@ -1094,21 +1052,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=number(int, minimum=1), default=256, help="images or captions per batch")
     parser.add_argument("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1),
                         help="image-loading processes")
-    parser.add_argument("--query", action="append",
+    parser.add_argument("--query", action="append", default=argparse.SUPPRESS,
                         help="a free-text query: draw its best-matching gallery images (repeat for several)")
     parser.add_argument("--topk", type=number(int, minimum=1), default=10, help="images per picture")
     parser.add_argument("--save-examples", type=number(int, minimum=0), default=0, metavar="N",
                         help="draw the results of N test queries (green: right identity, red: wrong)")
     parser.add_argument("--out", default="retrieval", help="folder for the pictures (made only to hold one)")
     search = parser.add_argument_group("searching a folder of images")
-    search.add_argument("--gallery", metavar="DIR",
+    search.add_argument("--gallery", metavar="DIR", default=argparse.SUPPRESS,
                         help="rank every .jpg/.jpeg/.png/.webp under DIR (recursively) for each --query, "
                         f"instead of a dataset split; features are cached in --out/{GALLERY_CACHE_FILE}")
     routing = parser.add_argument_group("DM-Adapter's routing")
     routing.add_argument("--routing", action="store_true",
                          help="draw which experts a dm_adapter checkpoint's routers pick on the split "
                          "(<out>/routing.png) instead of evaluating it")
-    routing.add_argument("--routing-caption", metavar="TEXT",
+    routing.add_argument("--routing-caption", metavar="TEXT", default=argparse.SUPPRESS,
                          help="the caption whose per-token picks are drawn; if not given, the split's first")
     args = parser.parse_args(argv)
     if args.checkpoints and len(args.checkpoints) > 1 and (args.query or args.save_examples or args.gallery

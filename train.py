@@ -56,7 +56,7 @@ import cskt
 import data
 import dm_adapter
 import evaluate
-from evaluate import number
+from data import number
 
 # ------------------------------------------------------------------------------------------------
 # Flags
@@ -98,7 +98,10 @@ def as_flags(values: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = evaluate.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.HelpFormatter)
+    parser = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Defaults that a flag's help tells in words: set here, the flag's own default SUPPRESS (not shown).
+    parser.set_defaults(clip=None, out=None, lr=None, image_size=(384, 128), mask_captions=None, resume=None,
+                        stop_after=None, **dict.fromkeys(set().union(*METHOD_DEFAULTS.values())))
     add = parser.add_argument
     add("--method", default="cskt", choices=evaluate.METHODS,
         help="what to train: CSKT or DM-Adapter on a frozen CLIP, or every CLIP weight (IRRA's baseline)")
@@ -107,15 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
              "and trains with the demo's recipe, not the values shown below: "
              f"{as_flags(DEMO_RECIPE)} (--depth for cskt only; a flag given still wins)")
     add("--root", default="data", help="folder holding the datasets (see README for the layout)")
-    add("--clip", default=None,
+    add("--clip", default=argparse.SUPPRESS,
         help="CLIP release name or checkpoint path (default: ViT-B/16; for the demo, its own tiny CLIP)")
-    add("--out", default=None, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
+    add("--out", default=argparse.SUPPRESS, help="a new run folder (default: runs/<data>-<method>-<time>-<pid>)")
     recipe = parser.add_argument_group("recipe (defaults: the authors' run scripts'; --data demo has its own, "
                                        "see --data)").add_argument
     recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the training pairs")
     recipe("--batch-size", type=number(int, minimum=1), default=128,
            help="global batch, split evenly across torchrun processes (must divide by their number)")
-    recipe("--lr", type=number(float, above=0), default=None, help="learning rate (default 3e-4; finetune 1e-5)")
+    recipe("--lr", type=number(float, above=0), default=argparse.SUPPRESS, help="learning rate (default 3e-4; finetune 1e-5)")
     recipe("--bias-lr-factor", type=number(float, minimum=0), default=2.0, help="biases train at lr times this")
     recipe("--weight-decay", type=number(float, minimum=0), default=4e-5, help="L2 on non-bias weights (Adam's)")
     recipe("--betas", type=number(float, minimum=0, below=1), nargs=2, default=(0.9, 0.999),
@@ -123,26 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     recipe("--eps", type=number(float, above=0), default=1e-3, help="Adam's epsilon (large, as the authors')")
     recipe("--warmup-epochs", type=number(int, minimum=0), default=5, help="epochs of linear warm-up before the cosine")
     recipe("--warmup-factor", type=number(float, minimum=0), default=0.1, help="lr factor at the first epoch")
-    recipe("--image-size", type=number(int, minimum=1), nargs=2, default=(384, 128), metavar=("H", "W"),
-           help="input size; CLIP's position grid is resized to fit")
+    recipe("--image-size", type=number(int, minimum=1), nargs=2, default=argparse.SUPPRESS, metavar=("H", "W"),
+           help="input size; CLIP's position grid is resized to fit (default: 384 128)")
     recipe("--stride", type=number(int, minimum=1), default=16, help="stride of the patch convolution")
     recipe("--augment", action=argparse.BooleanOptionalAction, default=True,
            help="flip, pad-and-crop and random erasing of training images")
-    recipe("--mask-captions", action=argparse.BooleanOptionalAction, default=None,
+    recipe("--mask-captions", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
            help="caption masking augmentation (default: on for dm_adapter, off otherwise)")
     recipe("--temperature", type=number(float, above=0), default=0.02, help="SDM's temperature (fixed)")
     recipe("--seed", type=number(int, minimum=0), default=1, help="seeds the model's initialisation and the data order")
     cskt_defaults, dm_defaults = METHOD_DEFAULTS["cskt"], METHOD_DEFAULTS["dm_adapter"]
     method = parser.add_argument_group("method (default: the paper's value, shown in brackets)").add_argument
-    method("--n-ctx", type=number(int, minimum=1), help=f"CSKT: prompt tokens per tower and layer [{cskt_defaults['n_ctx']}]")
-    method("--depth", type=number(int, minimum=1), help=f"CSKT: layers that get prompts [{cskt_defaults['depth']}]")
-    method("--reduction", type=number(int, minimum=1),
+    method("--n-ctx", default=argparse.SUPPRESS, type=number(int, minimum=1), help=f"CSKT: prompt tokens per tower and layer [{cskt_defaults['n_ctx']}]")
+    method("--depth", default=argparse.SUPPRESS, type=number(int, minimum=1), help=f"CSKT: layers that get prompts [{cskt_defaults['depth']}]")
+    method("--reduction", default=argparse.SUPPRESS, type=number(int, minimum=1),
            help=f"adapter bottleneck: width / reduction [{cskt_defaults['reduction']}]")
-    method("--vision-scale", type=number(float), help=f"adapter output scale, image tower [{cskt_defaults['vision_scale']}]")
-    method("--text-scale", type=number(float), help=f"adapter output scale, text tower [{cskt_defaults['text_scale']}]")
-    method("--num-experts", type=number(int, minimum=1), help=f"DM-Adapter: experts per block [{dm_defaults['num_experts']}]")
-    method("--top-k", type=number(int, minimum=1), help=f"DM-Adapter: experts per token [{dm_defaults['top_k']}]")
-    method("--aux-weight", type=number(float, minimum=0),
+    method("--vision-scale", default=argparse.SUPPRESS, type=number(float), help=f"adapter output scale, image tower [{cskt_defaults['vision_scale']}]")
+    method("--text-scale", default=argparse.SUPPRESS, type=number(float), help=f"adapter output scale, text tower [{cskt_defaults['text_scale']}]")
+    method("--num-experts", default=argparse.SUPPRESS, type=number(int, minimum=1), help=f"DM-Adapter: experts per block [{dm_defaults['num_experts']}]")
+    method("--top-k", default=argparse.SUPPRESS, type=number(int, minimum=1), help=f"DM-Adapter: experts per token [{dm_defaults['top_k']}]")
+    method("--aux-weight", default=argparse.SUPPRESS, type=number(float, minimum=0),
            help=f"DM-Adapter: load-balancing weight [{dm_defaults['aux_weight']}]")
     run = parser.add_argument_group("running (may change on --resume)").add_argument
     run("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
@@ -156,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     run("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="activation checkpointing: the backward pass recomputes each block instead of keeping its "
              "activations: a fraction of the memory for one more forward pass; the same loss and gradients")
-    run("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
-    run("--stop-after", type=number(int, minimum=1), default=None, metavar="N",
+    run("--resume", default=argparse.SUPPRESS, help="a last.pt to continue from, exactly where it stopped")
+    run("--stop-after", type=number(int, minimum=1), default=argparse.SUPPRESS, metavar="N",
         help="stop after N epochs of this invocation (for time-limited jobs; then --resume)")
     return parser
 
@@ -220,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.out and os.path.isdir(args.out) and os.listdir(args.out):
             parser.error(f"argument --out: {args.out} already holds a run; continue it with "
                          f"--resume {os.path.join(args.out, 'last.pt')}, or choose another --out")
-        evaluate.check_output_folder(parser, "--out", args.out or "runs")
+        data.check_output_folder(parser, "--out", args.out or "runs")
         args.image_size, args.betas = tuple(args.image_size), tuple(args.betas)
         check_fits_clip(parser, args)
     processes = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
@@ -364,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             run(args, open_files)
         code = 0
     except (data.DataError, clip_min.CLIPError, evaluate.CheckpointError, TrainingError) as error:
-        message = str(error).strip()
-        if "Original Traceback" in message:  # raised in a loader worker: the last line is the error
-            message = message.splitlines()[-1].removeprefix("data.DataError: ")
-        print(error_prefix + " ".join(message.split()), file=sys.stderr)
+        print(error_prefix + " ".join(str(error).split()), file=sys.stderr)
         code = 1
     except OSError as error:  # a folder we may not write, a disk that is full: the system's own words
         print(f"{error_prefix}{error}", file=sys.stderr)
@@ -546,7 +546,7 @@ def run(args: argparse.Namespace, open_files: contextlib.ExitStack) -> None:
         window, window_steps, window_started = {}, 0, time.time()  # losses summed on the device
         cut_short = 0  # image files cut short, decoded as the authors' pipelines decode them
         for step, batch in enumerate(loader, 1):
-            cut_short += int(batch["cut_short"].sum())  # a CPU tensor from the loader: no device sync
+            cut_short += data.check_batch(batch)  # DataError for an image that could not be decoded
             images, ids, pids = (batch[k].to(device, non_blocking=True) for k in ("images", "ids", "pids"))
             # fp32 master weights under autocast (the authors cast the weights to fp16 and ran Adam
             # on them, with neither a master copy nor loss scaling).
@@ -652,7 +652,7 @@ def demo_clip(root: str, seed: int, device: torch.device, log) -> str:
     started, recipe = time.time(), DEMO_PRETRAINING
     # The corpus is small and not augmented: every image is decoded and transformed once, and kept.
     image_batches, _ = data.eval_loaders(corpus.train, DEMO_CLIP.image_size)
-    images = torch.cat(list(image_batches))[corpus.train.image_index]  # [N, 3, H, W]: each pair's image
+    images = torch.cat([batch for batch, _ in image_batches])[corpus.train.image_index]  # [N, 3, H, W]: each pair's image
     ids = corpus.train.ids  # [N, 77]
     caption_ends = ids.argmax(dim=-1)  # [N]: the EOT position of each caption
 
