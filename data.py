@@ -5,11 +5,15 @@ The pipeline is IRRA's (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and
 Text-to-Image Person Retrieval", CVPR 2023, arXiv 2303.12501), which CSKT and DM-Adapter reuse:
 training has one sample per (image, caption) pair; evaluation ranks every image of a split (the
 gallery) for every caption of it (the queries), and an image is relevant when its identity matches.
-Under --root (default data/), each dataset is an annotation file and the images it names:
+Under --root (default data/), a dataset is a JSON list of entries, one per image, and the images:
 
     <root>/CUHK-PEDES/reid_raw.json      <root>/CUHK-PEDES/imgs/CUHK01/0363004.png ...
-    <root>/RSTPReid/data_captions.json   [{"split": "train", "id": 12, "img_path": "0012_c3.jpg",
-    <root>/ICFG-PEDES/ICFG-PEDES.json      "captions": ["A woman ...", ...]}, ...]
+    <root>/ICFG-PEDES/ICFG-PEDES.json    <root>/ICFG-PEDES/imgs/...
+    <root>/RSTPReid/data_captions.json   <root>/RSTPReid/imgs/0000_c14_0031.jpg ...
+
+    {"split": "train", "id": 12, "file_path": "CUHK01/0363004.png", "captions": ["A woman ..."]}
+
+"split" is "train", "test" or anything else for val; RSTPReid names the image field "img_path".
 
 load_dataset reads every entry, caption and image header before any training and stops at the
 first problem (DataError, one line naming the file and entry); what the authors' readers accept is
@@ -52,7 +56,6 @@ class DataError(Exception):
 # ------------------------------------------------------------------------------------------------
 
 WORDS = clip_min.CONTEXT_LENGTH - 2  # BPE ids a caption keeps between SOT and EOT
-SPLITS = ("train", "val", "test")
 
 
 def caption_ids(tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
@@ -71,11 +74,9 @@ MASK_PROB = 0.15    # chance that an eligible token is chosen
 
 
 def mask_caption_ids(ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """BERT-style corruption of token ids [N, L] -> a new [N, L]; the caller's tensor is untouched.
-
-    Eligible are real caption tokens, 0 < id < MASK_TOKEN: SOT, EOT and padding never change. A
-    caption where nothing was chosen gets position 1 (its first token) masked, as IRRA does.
-    """
+    """BERT-style corruption of token ids [N, L] -> a new [N, L]. Eligible are real caption tokens,
+    0 < id < MASK_TOKEN (SOT, EOT and padding never change); a caption where nothing was chosen gets
+    position 1, its first token, masked, as IRRA does."""
     def uniform():
         return torch.rand(ids.shape, generator=generator, device=ids.device)  # [N, L]
     chosen = (ids > 0) & (ids < MASK_TOKEN) & (uniform() < MASK_PROB)        # [N, L]
@@ -136,13 +137,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(path: str) -> tuple[Image.Image, bool]:
-    """The image at `path` as 8-bit RGB, decoded in full, and whether the file was cut short.
-
-    A file cut short is decoded as IRRA's and TBPS-CLIP's pipelines decode it, which set Pillow's
-    LOAD_TRUNCATED_IMAGES: what is missing comes out grey (JPEG) or black (PNG). Only when the
-    strict decode fails is it retried so; the flag is Pillow's global, on for that one read (header
-    reads on other threads do not consult it). A file that fails even then raises DataError.
-    """
+    """The image at `path` as 8-bit RGB, decoded in full, and whether the file was cut short: then
+    it is decoded as IRRA's and TBPS-CLIP's pipelines do, with Pillow's LOAD_TRUNCATED_IMAGES (the
+    missing part grey or black), on for that one retry (header reads on other threads ignore it).
+    A file that fails even then raises DataError."""
     try:
         with Image.open(path) as image:
             return to_rgb(image), False
@@ -171,20 +169,16 @@ class DatasetInfo:
     source: str       # where users get it
 
 
+SPLITS = ("train", "val", "test")
 DRAWN_HERE = "synthetic, drawn by data.py on first use"
 DATASETS = {
-    "CUHK-PEDES": DatasetInfo(
-        "reid_raw.json", "file_path", True,
-        'Li et al., "Person Search with Natural Language Description", CVPR 2017; request it from '
-        "the authors via github.com/ShuangLI59/Person-Search-with-Natural-Language-Description"),
-    "ICFG-PEDES": DatasetInfo(
-        "ICFG-PEDES.json", "file_path", False,
-        'Ding et al., "Semantically Self-Aligned Network for Text-to-Image Part-aware Person '
-        'Re-identification", arXiv 2107.12666; get it via github.com/zifyloo/SSAN'),
-    "RSTPReid": DatasetInfo(
-        "data_captions.json", "img_path", True,
-        'Zhu et al., "DSSL: Deep Surroundings-person Separation Learning for Text-based Person '
-        'Retrieval", ACM MM 2021; get it via github.com/NjtechCVLab/RSTPReid-Dataset'),
+    "CUHK-PEDES": DatasetInfo("reid_raw.json", "file_path", True, "Li et al., CVPR 2017; request "
+                              "it via github.com/ShuangLI59/Person-Search-with-Natural-Language-"
+                              "Description"),
+    "ICFG-PEDES": DatasetInfo("ICFG-PEDES.json", "file_path", False,
+                              "Ding et al., arXiv 2107.12666; get it via github.com/zifyloo/SSAN"),
+    "RSTPReid": DatasetInfo("data_captions.json", "img_path", True, "Zhu et al., ACM MM 2021; get "
+                            "it via github.com/NjtechCVLab/RSTPReid-Dataset"),
     "demo": DatasetInfo("reid_raw.json", "file_path", True, DRAWN_HERE),
     "demo-pretrain": DatasetInfo("reid_raw.json", "file_path", False, DRAWN_HERE),
 }
@@ -252,8 +246,8 @@ class Annotations:
     path: str
     entries: list[Entry]  # the valid ones: every field right and the image opens
     problems: list[str]   # one line each, in file order
-    counts: dict[str, tuple[int, int, int]]  # split_counts of the entries with every field right
-    missing: list[Entry]  # those of them whose image is not found
+    counts: dict[str, tuple[int, int, int]]  # per split, of the entries with every field right:
+    missing: list[Entry]  # (ids, images, captions); those of them whose image is not found
     notes: list[str]      # how it was read
 
 
@@ -295,17 +289,6 @@ def read_json(path: str) -> list:
         got = type(annotations).__name__
         raise DataError(f"{path}: expected a JSON list of entries, got {got}")
     return annotations
-
-
-def split_counts(entries: list[Entry]) -> dict[str, tuple[int, int, int]]:
-    """Per split present: (ids, images, captions) of `entries`, as PUBLISHED counts them."""
-    counts = {}
-    for split in SPLITS:
-        part = [e for e in entries if e.split == split]
-        if part:
-            captions = sum(len(e.captions) for e in part)
-            counts[split] = (len({e.pid for e in part}), len(part), captions)
-    return counts
 
 
 def cells(counts: tuple[int, ...]) -> str:
@@ -355,15 +338,15 @@ def read_annotations(name: str, root: str) -> Annotations:
     elif not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found. {get_it}")
     annotations = read_json(path)
-    split_ids, low = {}, 1  # as reid_raw.json has them: train 1..11,003, then val, then test
-    for split, (ids, _, _) in PUBLISHED["CUHK-PEDES"].items():
-        split_ids[split], low = range(low, low + ids), low + ids
-    for entry in annotations if split_from_ids else []:
-        pid = entry.get("id") if isinstance(entry, dict) else None
-        entry_split = [split for split, ids in split_ids.items() if type(pid) is int and pid in ids]
-        if entry_split:
-            entry["split"] = entry_split[0]
-
+    if split_from_ids:
+        split_ids, low = {}, 1  # as reid_raw.json has them: train 1..11,003, then val, then test
+        for split, (ids, _, _) in PUBLISHED["CUHK-PEDES"].items():
+            split_ids[split], low = range(low, low + ids), low + ids
+        for entry in annotations:
+            pid = entry.get("id") if isinstance(entry, dict) else None
+            for split, ids in split_ids.items():
+                if type(pid) is int and pid in ids:  # not bool
+                    entry["split"] = split
     imgs = os.path.abspath(os.path.join(folder, "imgs"))
     tokenizer = clip_min.default_tokenizer()
     listed, problems = [], []  # problems: (index of the entry at fault, the line)
@@ -389,8 +372,12 @@ def read_annotations(name: str, root: str) -> Annotations:
         if not wrong:  # a caption that cleans to nothing (blank, markup) is [SOT, EOT], as IRRA's
             tokens = [tokenizer.encode(text) for text in captions]
             listed.append(Entry(split, pid, image, captions, tokens, i, relative))
-
-    counts, notes = split_counts(listed), []
+    counts, notes = {}, []  # per split, (ids, images, captions), as PUBLISHED counts them
+    for split in SPLITS:
+        part = [e for e in listed if e.split == split]
+        if part:
+            num_captions = sum(len(e.captions) for e in part)
+            counts[split] = (len({e.pid for e in part}), len(part), num_captions)
     if split_from_ids:
         ranges = ", ".join(f"{split} {ids[0]:,}..{ids[-1]:,}" for split, ids in split_ids.items())
         differences = count_differences(counts, PUBLISHED["CUHK-PEDES"])
@@ -618,28 +605,28 @@ def oddities(name: str, entries: list[Entry]) -> list[str]:
     and so do we, with its count and first examples: an image in several entries (each stays an
     entry: a training image, or a gallery item and its queries), a caption with no words once
     cleaned, gaps between the training ids."""
-    lines = []
+    lines, kept = [], "each kept as IRRA's reader keeps it"
     for split in SPLITS:
         part = [e for e in entries if e.split == split]
-        first, repeats = {}, {"the same id": [], "another id": []}  # first: image -> first entry
+        first, same_id, other_id = {}, [], []  # first: image -> the first entry naming it
         for e in part:
             earlier = first.setdefault(e.image, e)
             if earlier is not e:
-                how = "the same id" if earlier.pid == e.pid else "another id"
-                repeats[how].append(f"entry {e.index} = entry {earlier.index}, {e.relative!r}")
-        kinds = {f"entries repeating an earlier entry's image under {how}, each kept as IRRA's "
-                 "reader keeps it": examples for how, examples in repeats.items()}
-        kinds["captions with no words once cleaned, read as [SOT, EOT] as IRRA's tokenizer reads "
-              "them"] = [f"entry {e.index} caption {k}"
-                         for e in part for k, tokens in enumerate(e.tokens) if not tokens]
-        pids = sorted({e.pid for e in part})
-        if split == "train":
-            kinds[f"gaps between the ids, remapped to 0..{len(pids) - 1} in sorted order"] = [
-                f"{low + 1}..{high - 1}" for low, high in zip(pids, pids[1:]) if high > low + 1]
-        for kind, found in kinds.items():
-            shown = "; ".join(found[:SHOWN]) + ("; ..." if len(found) > SHOWN else "")
-            if found:
-                lines.append(f"{name} {split}: {kind}: {len(found):,} ({shown})")
+                repeat = f"entry {e.index} = entry {earlier.index}, {e.relative!r}"
+                (same_id if earlier.pid == e.pid else other_id).append(repeat)
+        empty = [f"entry {e.index} caption {k}"
+                 for e in part for k, tokens in enumerate(e.tokens) if not tokens]
+        pids = sorted({e.pid for e in part}) if split == "train" else []
+        gaps = [f"{low + 1}..{high - 1}" for low, high in zip(pids, pids[1:]) if high > low + 1]
+        for kind, examples in [
+                (f"entries repeating an earlier entry's image under the same id, {kept}", same_id),
+                (f"entries repeating an earlier entry's image under another id, {kept}", other_id),
+                ("captions with no words once cleaned, read as [SOT, EOT] as IRRA's tokenizer "
+                 "reads them", empty),
+                (f"gaps between the ids, remapped to 0..{len(pids) - 1} in sorted order", gaps)]:
+            if examples:
+                shown = "; ".join(examples[:SHOWN]) + ("; ..." if len(examples) > SHOWN else "")
+                lines.append(f"{name} {split}: {kind}: {len(examples):,} ({shown})")
     return lines
 
 
@@ -673,9 +660,9 @@ def check(name: str, root: str) -> int:
     print(*count_table(found.counts, PUBLISHED.get(name, {})), sep="\n")
     print(f"captions cut to {clip_min.CONTEXT_LENGTH} tokens: "
           + ", ".join(f"{split} {n:,}" for split, n in cut.items()))
-    print(*found.notes, *oddities(name, found.entries), *cut_short, *problems, sep="\n")
-    print(verdict(name, found)[1])
-    print(f"problems: {len(problems)}")
+    for line in [*found.notes, *oddities(name, found.entries), *cut_short, *problems]:
+        print(line)
+    print(f"{verdict(name, found)[1]}\nproblems: {len(problems)}")
     return len(problems)
 
 
