@@ -73,7 +73,6 @@ import clip_min
 import cskt
 import data
 import dm_adapter
-from data import ArgumentParser, check_output_folder, number
 
 # ------------------------------------------------------------------------------------------------
 # I.1 Metrics
@@ -1023,8 +1022,8 @@ def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSpl
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
-                                     "on a dataset split; optionally draw what was retrieved.")
+    parser = data.ArgumentParser(description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, "
+                                          "on a dataset split; optionally draw what was retrieved.")
     # Flags without a default, or whose help tells it in words: None until given (not shown).
     parser.set_defaults(checkpoints=None, method=None, image_size=None, stride=None, data=None, query=None,
                         gallery=None, routing_caption=None)
@@ -1034,9 +1033,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "and image size, e.g. seeds) add their mean ± sample std")
     model.add_argument("--method", choices=["clip"], default=argparse.SUPPRESS, help="'clip': evaluate frozen CLIP zero-shot (a baseline)")
     parser.add_argument("--clip", default="ViT-B/16", help="with --method clip: a release name or checkpoint file")
-    parser.add_argument("--image-size", type=number(int, minimum=1), nargs=2, default=argparse.SUPPRESS, metavar=("H", "W"),
+    parser.add_argument("--image-size", type=data.number(int, minimum=1), nargs=2, default=argparse.SUPPRESS, metavar=("H", "W"),
                         help="with --method clip: input size (default 384 128); a checkpoint uses its own")
-    parser.add_argument("--stride", type=number(int, minimum=1), default=argparse.SUPPRESS,
+    parser.add_argument("--stride", type=data.number(int, minimum=1), default=argparse.SUPPRESS,
                         help="with --method clip: patch stride (default 16); a checkpoint uses its own")
     parser.add_argument("--data", default=argparse.SUPPRESS, choices=list(data.DATASETS),
                         help="dataset (default: the one the checkpoint was trained on)")
@@ -1049,13 +1048,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                         help="autocast dtype: auto is bf16 on GPUs with bf16 units (compute capability 8+), "
                         "else fp16; fp32 on the CPU")
-    parser.add_argument("--batch-size", type=number(int, minimum=1), default=256, help="images or captions per batch")
-    parser.add_argument("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--batch-size", type=data.number(int, minimum=1), default=256, help="images or captions per batch")
+    parser.add_argument("--workers", type=data.number(int, minimum=0), default=min(8, os.cpu_count() or 1),
                         help="image-loading processes")
     parser.add_argument("--query", action="append", default=argparse.SUPPRESS,
                         help="a free-text query: draw its best-matching gallery images (repeat for several)")
-    parser.add_argument("--topk", type=number(int, minimum=1), default=10, help="images per picture")
-    parser.add_argument("--save-examples", type=number(int, minimum=0), default=0, metavar="N",
+    parser.add_argument("--topk", type=data.number(int, minimum=1), default=10, help="images per picture")
+    parser.add_argument("--save-examples", type=data.number(int, minimum=0), default=0, metavar="N",
                         help="draw the results of N test queries (green: right identity, red: wrong)")
     parser.add_argument("--out", default="retrieval", help="folder for the pictures (made only to hold one)")
     search = parser.add_argument_group("searching a folder of images")
@@ -1094,7 +1093,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gallery and not args.query:
         parser.error("argument --gallery: needs at least one --query")
     if args.query or args.save_examples or args.routing:
-        check_output_folder(parser, "--out", args.out)
+        data.check_output_folder(parser, "--out", args.out)
     return args
 
 
