@@ -860,8 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     # A flag without a default shows none in --help (SUPPRESS); parse_args gives it None.
     parser = data.ArgumentParser(
         description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, on a dataset split; "
-        "draw what was retrieved.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS)
+        "draw what was retrieved.", argument_default=argparse.SUPPRESS)
     add = parser.add_argument
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", nargs="+", dest="checkpoints", metavar="CHECKPOINT",

@@ -511,7 +511,6 @@ def build_parser() -> argparse.ArgumentParser:
     # A flag without a default shows none in --help (SUPPRESS); parse_args sets the ones that
     # depend on --method, --data or --resume.
     parser = data.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  argument_default=argparse.SUPPRESS)
     add, number = parser.add_argument, data.number
     add("--method", default="cskt", choices=evaluate.METHODS,

@@ -1,5 +1,6 @@
 """data.py: the three readers on tiny fixtures in their published formats, every bad-input case,
---check, transforms and loaders and caption masking statistics (the demo sets: test_demo.py)."""
+the reports and the verdict, --check, transforms and loaders and caption masking statistics (the
+demo sets: test_demo.py)."""
 
 import io
 import json
@@ -102,8 +103,9 @@ def test_icfg_in_its_published_shape_with_one_training_image_listed_twice(tmp_pa
     assert train.image_paths[train.image_index[3]] == train.image_paths[train.image_index[0]]
     assert train.pids.tolist() == [0, 0, 1, 0]
     assert dataset.val is None and len(dataset.test.image_paths) == 2
-    assert [line for line in dataset.report if "ICFG-PEDES train: 1 entry repeats an image of an earlier entry "
-            "under the same id (entries 0 and 3" in line]
+    assert dataset.report == ["ICFG-PEDES train: entries repeating an earlier entry's image under the same id, "
+                              "each kept as IRRA's reader keeps it: 1 (entry 3 = entry 0, "
+                              "'train/0000/0000_000_01_0303morning_0015_0.jpg')"]
     assert dataset.published is False and "NOT the published set" in dataset.verdict
 
 
@@ -204,14 +206,22 @@ def test_what_the_authors_readers_accept_is_read_as_they_read_it_and_reported_on
     assert test.image_pids.tolist() == [30, 31, 30, 32]
     assert test.caption_pids.tolist() == [30, 30, 31, 31, 30, 32, 32]
 
-    report = dataset.report
-    assert len(report) == 5, report  # train: repeat, empty captions, id gaps; test: two kinds of repeat
-    assert re.fullmatch(r"CUHK-PEDES train: 1 entry repeats an image of an earlier entry under the same id "
-                        r"\(entries 0 and 4 \('cam_a/007_1\.png'\)\); .*", report[0])
-    assert "train: 3 caption(s) with no words once cleaned (entries 1, 2, 2)" in report[1]
-    assert "train: 3 ids between 3 and 12, not contiguous; remapped to 0..2" in report[2]
-    assert "test: 1 entry repeats an image of an earlier entry under the same id (entries 6 and 8" in report[3]
-    assert "test: 1 entry repeats an image of an earlier entry under another id (entries 7 and 9" in report[4]
+    repeat = "entries repeating an earlier entry's image under {}, each kept as IRRA's reader keeps it"
+    assert dataset.report == [  # one line per split and kind: the count, the first entries
+        f"CUHK-PEDES train: {repeat.format('the same id')}: 1 (entry 4 = entry 0, 'cam_a/007_1.png')",
+        "CUHK-PEDES train: captions with no words once cleaned, read as [SOT, EOT] as IRRA's tokenizer reads "
+        "them: 3 (entry 1 caption 1; entry 2 caption 0; entry 2 caption 1)",
+        "CUHK-PEDES train: gaps between the ids, remapped to 0..2 in sorted order: 2 (4..6; 8..11)",
+        f"CUHK-PEDES test: {repeat.format('the same id')}: 1 (entry 8 = entry 6, 'test_query/030.png')",
+        f"CUHK-PEDES test: {repeat.format('another id')}: 1 (entry 9 = entry 7, 'test_query/./031.png')"]
+
+
+def test_a_clean_copy_reports_nothing(cuhk):
+    entries = cuhk_entries()
+    for entry, pid in zip(entries, [1, 1, 2, 3]):  # contiguous training ids
+        entry["id"] = pid
+    (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
+    assert data.load_dataset("CUHK-PEDES", str(cuhk)).report == []
 
 
 def test_a_report_names_the_first_few_entries_and_counts_all(cuhk):
@@ -219,8 +229,9 @@ def test_a_report_names_the_first_few_entries_and_counts_all(cuhk):
     entries += [dict(entries[5]) for _ in range(5)]  # five more copies of test entry 5
     (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
     report = data.load_dataset("CUHK-PEDES", str(cuhk)).report
-    assert "test: 5 entries repeat an image of an earlier entry under the same id (entries 5 and 7 " in report[1]
-    assert "5 and 9 ('test_query/030.png') and 2 more)" in report[1]
+    assert report[1].startswith("CUHK-PEDES test: entries repeating an earlier entry's image under the same id")
+    assert report[1].endswith(": 5 (entry 7 = entry 5, 'test_query/030.png'; entry 8 = entry 5, "
+                              "'test_query/030.png'; entry 9 = entry 5, 'test_query/030.png'; ...)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,19 +243,20 @@ FIXTURE_COUNTS = {"train": (3, 4, 7), "val": (1, 1, 2), "test": (2, 2, 4)}  # of
 def test_the_verdict_says_whether_a_copy_is_the_published_set(cuhk, monkeypatch):
     subset = data.load_dataset("CUHK-PEDES", str(cuhk))  # a tiny copy: it loads, and says what it is
     assert subset.published is False
-    assert subset.verdict.startswith("CUHK-PEDES: NOT the published set (train 3 ids / 4 images / 7 captions "
-                                     "(published 11,003 / 34,054 / 68,126); val 1 ids")
-    assert "likely cause: 40,199 fewer entries than published. It trains, but its results cannot" in subset.verdict
+    assert subset.verdict.startswith("CUHK-PEDES: NOT the published set (ids / images / captions: train 3 / 4 / 7 "
+                                     "against 11,003 / 34,054 / 68,126; val 1 / 1 / 2 against")
+    assert "likely cause: entries: 7 listed, 40,206 published. It trains, but its results cannot" in subset.verdict
+    assert "\n" not in subset.verdict
 
     monkeypatch.setitem(data.PUBLISHED, "CUHK-PEDES", FIXTURE_COUNTS)
     same = data.load_dataset("CUHK-PEDES", str(cuhk))
-    assert same.published is True and same.verdict == ("CUHK-PEDES: matches the published set (train 3 / 4 / 7; "
-                                                       "val 1 / 1 / 2; test 2 / 2 / 4 ids / images / captions)")
+    assert same.published is True and same.verdict == ("CUHK-PEDES: matches the published set (ids / images / "
+                                                       "captions: train 3 / 4 / 7; val 1 / 1 / 2; test 2 / 2 / 4)")
     entries = cuhk_entries() + [dict(cuhk_entries()[6], file_path="test_query/extra.png")]
     write_dataset(cuhk, "CUHK-PEDES", entries)
     more = data.load_dataset("CUHK-PEDES", str(cuhk))
-    assert more.published is False and "test 2 ids / 3 images / 6 captions (published 2 / 2 / 4)" in more.verdict
-    assert "likely cause: 1 more entries than published" in more.verdict
+    assert more.published is False and "(ids / images / captions: test 2 / 3 / 6 against 2 / 2 / 4)" in more.verdict
+    assert "likely cause: entries: 8 listed, 7 published" in more.verdict
 
 
 def test_missing_image_folders_are_named_as_the_likely_cause(cuhk, monkeypatch):
@@ -253,25 +265,25 @@ def test_missing_image_folders_are_named_as_the_likely_cause(cuhk, monkeypatch):
         for image in (cuhk / "CUHK-PEDES/imgs" / folder).iterdir():
             image.unlink()
         (cuhk / "CUHK-PEDES/imgs" / folder).rmdir()
-    with pytest.raises(data.DataError, match=r"reid_raw\.json: entry 0 and more: 3 images missing, all under "
-                                             r"Market/, cam_a/ and cam_b/: this copy lacks those folders \(first "
+    missing = r"images missing: 3 \(Market/ 1, no such folder; cam_a/ 1, no such folder; cam_b/ 1, no such folder\)"
+    with pytest.raises(data.DataError, match=rf"reid_raw\.json: entry 0 and more: {missing} \(first "
                                              r"'cam_a/007_1\.png'\); get the complete image archive \(Li et al"):
         data.load_dataset("CUHK-PEDES", str(cuhk))
     found = data.read_annotations("CUHK-PEDES", str(cuhk))
     published, said = data.verdict("CUHK-PEDES", found)
-    assert published is False and said.startswith("CUHK-PEDES: NOT the published set (every entry listed); "
-                                                   "likely cause: 3 images missing, all under Market/")
+    assert published is False and re.match(rf"CUHK-PEDES: NOT the published set \(every entry listed\); "
+                                           rf"likely cause: {missing}\. It trains", said)
 
-    (cuhk / "CUHK-PEDES/imgs/cam_a").mkdir()  # the folder is there, some of its images are not
+    (cuhk / "CUHK-PEDES/imgs/cam_a").mkdir()  # the folder is there, its image is not
     found = data.read_annotations("CUHK-PEDES", str(cuhk))
-    assert "3 images missing: 1 under Market/, 1 under cam_a/, 1 under cam_b/" in data.verdict("CUHK-PEDES", found)[1]
+    assert "(Market/ 1, no such folder; cam_a/ 1; cam_b/ 1, no such folder)" in data.verdict("CUHK-PEDES", found)[1]
 
 
 def test_rstpreid_of_the_older_release_is_told_to_download_again():
     counts = {"train": (3_901, 19_505, 39_010), "val": (100, 500, 1_000), "test": (100, 500, 1_000)}
     old = data.Annotations("data/RSTPReid/data_captions.json", [], [], counts, [], [])
     published, said = data.verdict("RSTPReid", old)
-    assert published is False and "train 3,901 ids / 19,505 images / 39,010 captions (published 3,701" in said
+    assert published is False and "train 3,901 / 19,505 / 39,010 against 3,701 / 18,505 / 37,010" in said
     assert "older release's 3,901/100/100 split" in said and "download it again" in said
     current = data.Annotations("", [], [], dict(data.PUBLISHED["RSTPReid"]), [], [])
     assert data.verdict("RSTPReid", current)[0] is True
@@ -279,7 +291,7 @@ def test_rstpreid_of_the_older_release_is_told_to_download_again():
 
 def test_check_prints_the_verdict(cuhk, capsys):
     data.check("CUHK-PEDES", str(cuhk))
-    assert "\nCUHK-PEDES: NOT the published set (train 3 ids" in capsys.readouterr().out
+    assert "\nCUHK-PEDES: NOT the published set (ids / images / captions: train 3 / 4 / 7" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,23 +303,15 @@ def caption_all_entries(train_ids, val_ids, test_ids):
             for pid in range(1, train_ids + val_ids + test_ids + 1) for k in range(2)]
 
 
-def test_caption_all_at_the_published_size_gives_the_published_split():
-    published = data.PUBLISHED["CUHK-PEDES"]
-    entries = caption_all_entries(*(ids for ids, _, _ in published.values()))
-    # Make the images and captions per split the published ones: drop or add entries at each split's end.
-    by_split, low = {}, 1
-    for split, (ids, images, captions) in published.items():
-        part = [e for e in entries if low <= e["id"] < low + ids]
-        part = part[:images] + [dict(part[-1]) for _ in range(images - len(part))]
-        part[-1] = dict(part[-1], captions=["x."] * (captions - sum(len(e["captions"]) for e in part[:-1])))
-        by_split[split], low = part, low + ids
-    entries = [e for part in by_split.values() for e in part]
-    derived, note = data.split_by_id_ranges(entries, "caption_all.json", "get it")
-    assert [e["split"] for e in derived] == [s for s, part in by_split.items() for _ in part]
-    assert "train 1..11,003, val 11,004..12,003, test 12,004..13,003" in note and "exactly the published" in note
-    with pytest.raises(data.DataError, match=r"^caption_all\.json: no reid_raw\.json beside it, and the ids .* do "
-                                             r"not give the published split: test 1,000 ids / 3,073 images / 5,146 captions"):
-        data.split_by_id_ranges(entries[:-1], "caption_all.json", "get it")
+def test_caption_all_that_does_not_give_the_published_split_is_refused(tmp_path):
+    """The ids of caption_all.json split as reid_raw.json's: train 1..11,003, then val, then test."""
+    write_dataset(tmp_path, "CUHK-PEDES", caption_all_entries(3, 1, 2))
+    os.rename(tmp_path / "CUHK-PEDES/reid_raw.json", tmp_path / "CUHK-PEDES/caption_all.json")
+    with pytest.raises(data.DataError, match=r"caption_all\.json: no reid_raw\.json beside it, and the ids of this "
+                                             r"file \(train 1\.\.11,003, val 11,004\.\.12,003, test 12,004\.\.13,003\) "
+                                             r"do not give the published split \(ids / images / captions: train 6 / "
+                                             r"12 / 18 against 11,003 / 34,054 / 68,126; val 0 / 0 / 0 against"):
+        data.load_dataset("CUHK-PEDES", str(tmp_path))
 
 
 def test_caption_all_is_read_when_reid_raw_is_absent(tmp_path, monkeypatch):
@@ -323,8 +327,8 @@ def test_caption_all_is_read_when_reid_raw_is_absent(tmp_path, monkeypatch):
     assert dataset.published is True
 
     (tmp_path / "CUHK-PEDES/caption_all.json").write_text(json.dumps(entries[:-1]))  # one image short
-    with pytest.raises(data.DataError, match=r"caption_all\.json: no reid_raw\.json beside it.*test 2 ids / 3 "
-                                             r"images / 4 captions \(published 2 / 4 / 6\)\. Get CUHK-PEDES .* put "
+    with pytest.raises(data.DataError, match=r"caption_all\.json: no reid_raw\.json beside it.*: test 2 / 3 / 4 "
+                                             r"against 2 / 4 / 6\)\. Get CUHK-PEDES .* put "
                                              r"its annotations at .*reid_raw\.json"):
         data.load_dataset("CUHK-PEDES", str(tmp_path))
     (tmp_path / "CUHK-PEDES/caption_all.json").write_text(json.dumps(entries)[:-5])
@@ -406,17 +410,25 @@ def test_unreadable_image_stops_loading_and_a_truncated_one_is_decoded_as_the_au
     assert data.decode_image(str(jpeg))[1] and not Image.open(jpeg).size == (0, 0)
     assert not data.ImageFile.LOAD_TRUNCATED_IMAGES  # Pillow's flag is on only for the retry
 
-    transform = data.build_transform((32, 16))
-    samples = data.CaptionImageDataset(dataset.train, transform)
+    samples = data.CaptionImageDataset(dataset.train, data.build_transform((32, 16)))
     assert samples[4]["cut_short"].item() and not samples[0]["cut_short"].item()
     batch = next(iter(data.train_loader(dataset.train, (32, 16), batch_size=7, workers=0, augment=False)))
-    assert batch["cut_short"].sum().item() == 2  # the two captions of the image cut short
-    data.ImageList(dataset.test.image_paths, transform)[0]
+    assert data.check_batch(batch) == 2  # the two captions of the image cut short
+    (images, messages), = data.image_loader(dataset.test.image_paths, (32, 16), batch_size=2)
+    assert messages == ("", "") and images[0].abs().sum() > 0  # decoded, its missing part filled
     assert f"{jpeg}: file cut short, decoded" in capsys.readouterr().err
 
+    # Undecodable even so: a training sample carries the one line, check_batch raises it (not a
+    # loader worker, where torch would wrap it in a traceback's text); image_loader gives zeros and
+    # the line, so that a folder search can list the file and go on.
     undecodable_jpeg(pixels, truncated)
-    with pytest.raises(data.DataError, match=re.escape(str(truncated)) + ": unreadable image: "):
-        samples[4]
+    assert samples[4]["problem"].startswith(f"{truncated}: unreadable image: ") and not samples[0]["problem"]
+    batch = next(iter(data.train_loader(dataset.train, (32, 16), batch_size=7, workers=1, augment=False)))
+    with pytest.raises(data.DataError, match="^" + re.escape(str(truncated)) + ": unreadable image: [^\n]*$"):
+        data.check_batch(batch)
+    (images, messages), = data.image_loader(dataset.train.image_paths, (32, 16), batch_size=4, workers=1)
+    assert messages[0] == messages[1] == messages[3] == "" and messages[2].startswith(f"{truncated}: unreadable")
+    assert not images[2].any() and images[1].any()
 
 
 def test_image_problems_keep_the_order_across_chunks_and_threads(tmp_path):
@@ -480,8 +492,8 @@ def test_16_bit_png_keeps_its_grey_levels(tmp_path):
     Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16)).save(path)
     with Image.open(path) as stored:
         assert stored.mode in ("I;16", "I")  # really a 16-bit file
-    image = data.load_image(str(path))
-    assert image.mode == "RGB"
+    image, cut_short = data.decode_image(str(path))
+    assert image.mode == "RGB" and not cut_short
     assert np.asarray(image).tolist() == [[[v, v, v] for v in (0, 1, 128, 255)]]  # not all near white
 
 
@@ -512,7 +524,7 @@ def test_captions_are_tokenized_once_and_cuts_counted(cuhk, monkeypatch):
     # A training split through the evaluation loaders (how the demo decodes its pretraining corpus
     # once): each image once, in order, so that indexing by image_index gives every pair's image.
     images, captions = data.eval_loaders(dataset.train, (32, 16), batch_size=3)
-    pair_images = torch.cat(list(images))[dataset.train.image_index]
+    pair_images = torch.cat([batch for batch, _ in images])[dataset.train.image_index]
     assert all(torch.equal(pair_images[i], train_set[i]["images"]) for i in range(len(train_set)))
     assert torch.equal(torch.cat(list(captions)), dataset.train.ids)
 
@@ -536,7 +548,8 @@ def test_data_py_flag_errors_are_one_line_like_the_other_scripts(capsys, argv, m
 def test_check_reports_every_problem(cuhk, capsys):
     assert data.check("CUHK-PEDES", str(cuhk)) == 0  # in this process: one start of Python is enough
     clean = capsys.readouterr().out
-    assert re.search(r"train\s+3\s+4\s+7\s+0\n", clean) and "0 problem(s)" in clean
+    assert re.search(r"\ntrain\s+3\s+4\s+7\s+11,003 / 34,054 / 68,126\n", clean), clean
+    assert "\ncaptions cut to 77 tokens: train 0, val 0, test 0\n" in clean and clean.endswith("\nproblems: 0\n")
 
     entries = changed(1, captions=[])(cuhk_entries())
     entries[2]["captions"][1] = "\x00\x07"
@@ -545,22 +558,33 @@ def test_check_reports_every_problem(cuhk, capsys):
     (cuhk / "CUHK-PEDES/reid_raw.json").write_text(json.dumps(entries))
     os.remove(cuhk / "CUHK-PEDES/imgs/CUHK03/012.png")
     (cuhk / "CUHK-PEDES/imgs/test_query/030.png").write_bytes(b"garbage")
-    market = cuhk / "CUHK-PEDES/imgs/Market/020.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(market)
-    market.write_bytes(market.read_bytes()[:200])  # the header intact: only decoding finds it
+    cut_short = [cuhk / "CUHK-PEDES/imgs/CUHK01/003.png", cuhk / "CUHK-PEDES/imgs/Market/020.png"]  # entries 2, 4
+    for path in cut_short:
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:200])  # the header intact: only decoding finds it
     report = run_check(cuhk)
     assert report.returncode == 1
     expected = ["entry 1: 'captions' is an empty list", "entry 3: image not found", "entry 5: unreadable image",
                 "entry 8: image path '../reid_raw.json' is not inside"]
-    lines = [line for line in report.stdout.splitlines() if line.startswith(str(cuhk))]
+    lines = [line for line in report.stdout.splitlines() if line.startswith(str(cuhk / "CUHK-PEDES/reid_raw.json"))]
     assert len(lines) == len(expected) and all(e in line for e, line in zip(expected, lines)), report.stdout
-    assert "4 problem(s)" in report.stdout
-    assert "\n1 image file(s) cut short (entry 4): training and evaluation decode them" in report.stdout
-    # What the authors' readers accept is reported under its split, not counted as a problem.
-    assert re.search(r"\ntest\s+1\s+1\s+2\s+1\ntrain: 1 entry repeats an image of an earlier entry under the "
-                     r"same id \(entries 0 and 7 .*\ntrain: 1 caption\(s\) with no words once cleaned \(entry 2\)",
-                     report.stdout), report.stdout
-    assert re.search(r"test\s+1\s+1\s+2\s+1\n", report.stdout)  # entry 6 alone; its long caption cut
+    assert report.stdout.endswith("\nproblems: 4\n")
+    for path, entry in zip(cut_short, (2, 4)):  # each file cut short, named by its path
+        assert f"\n{path}: file cut short (entry {entry}); training and evaluation decode it" in report.stdout
+    # The counts are those of the entries with every field right (not 1 and 8); the captions cut, of
+    # the images that open (entry 6, not 5). What the authors' readers accept is reported, not counted.
+    assert re.search(r"\ntest\s+2\s+2\s+4\s+1,000 / 3,074 / 6,156\n", report.stdout), report.stdout
+    assert "\ncaptions cut to 77 tokens: train 0, val 0, test 1\n" in report.stdout
+    assert "\nCUHK-PEDES train: entries repeating an earlier entry's image under the same id, each kept as IRRA's " \
+           "reader keeps it: 1 (entry 7 = entry 0, 'cam_a/007_1.png')\n" in report.stdout
+    assert "\nCUHK-PEDES train: captions with no words once cleaned, read as [SOT, EOT] as IRRA's tokenizer reads " \
+           "them: 1 (entry 2 caption 1)\n" in report.stdout
+
+
+def test_data_py_imports_neither_evaluate_nor_train():
+    code = "import sys, data; print(sorted({'evaluate', 'train'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -613,7 +637,7 @@ def test_samples_and_loaders(cuhk, monkeypatch):
     assert batch["images"].shape == (3, 3, 32, 16) and batch["ids"].shape == (3, clip_min.CONTEXT_LENGTH)
 
     images, captions = data.eval_loaders(dataset.test, (32, 16), batch_size=3)
-    assert [b.shape for b in images] == [(2, 3, 32, 16)]
+    assert [(b.shape, messages) for b, messages in images] == [((2, 3, 32, 16), ("", ""))]
     assert [b.shape for b in captions] == [(3, clip_min.CONTEXT_LENGTH), (1, clip_min.CONTEXT_LENGTH)]
     assert not (torch.cat(list(captions)) == data.MASK_TOKEN).any()  # queries are never masked
 
@@ -705,7 +729,7 @@ def test_every_8_bit_grey_level_widened_to_16_bits_comes_back(tmp_path):
     levels = np.arange(256)
     path = tmp_path / "ramp16.png"
     Image.fromarray((levels * 257).astype(np.uint16)[None]).save(path)
-    assert np.asarray(data.load_image(str(path)))[0, :, 0].tolist() == levels.tolist()
+    assert np.asarray(data.decode_image(str(path))[0])[0, :, 0].tolist() == levels.tolist()
 
 
 def numbered_pairs(tmp_path, n=64):
