@@ -64,12 +64,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from test_dm_adapter import per_expert_loop  # noqa: E402  (the authors' dispatch, as the tests write it)
+
 import clip_min  # noqa: E402  (these need the repository root on the path first)
 import data  # noqa: E402
 import dm_adapter  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from test_dm_adapter import per_expert_loop  # noqa: E402  (the authors' dispatch, as the tests write it)
 
 # -----------------------------------------------------------------------------
 # metrics: the ranking of ICFG-PEDES's test split (19,848 captions x 14,993 images, 1,000 ids)

@@ -50,6 +50,7 @@ def test_model_flops_of_clip_vit_b_16():
     tower, as published) and 2.9 G for 77 text positions."""
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import benchmark
+
     import clip_min
     forward, training = benchmark.flops_per_pair(clip_min.CLIPConfig(), "finetune", {})
     assert 40.9e9 < forward < 41.1e9 and training == 3 * forward
@@ -60,6 +61,7 @@ def test_patches_are_counted_as_the_strided_conv_cuts_them():
     a 56x24 image at stride 8, which has the same 7 x 3 grid."""
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import benchmark
+
     import clip_min
     small = dict(embed_dim=32, patch_size=8, vision_width=64, vision_layers=2, text_width=64, text_layers=2)
     overlapping = clip_min.CLIPConfig(image_size=(32, 16), stride=4, **small)
@@ -86,6 +88,7 @@ def test_utilisation_divides_by_the_peak_of_this_gpu_at_this_precision(monkeypat
 def test_the_replica_has_the_published_counts_and_layout_of_cuhk_pedes():
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import benchmark
+
     import data
     entries = benchmark.replica_entries()
     for split, published in data.PUBLISHED["CUHK-PEDES"].items():
@@ -124,6 +127,7 @@ def test_the_replica_measurements_run_on_a_small_copy(tmp_path):
 def test_demo_seeds_reads_its_seeds_and_train_py_s_table():
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import benchmark
+
     import evaluate
     assert benchmark.seed_list("1-5") == [1, 2, 3, 4, 5] and benchmark.seed_list("1,3-4") == [1, 3, 4]
     zero_shot = {"R1": 52.5, "R5": 80.25, "R10": 90.0, "mAP": 55.12, "mINP": 30.01}

@@ -5,10 +5,10 @@ recomputed forward routes every token exactly as the first; evaluation is unaffe
 
 import pytest
 import torch
+from conftest import randomize_
 
 import clip_min
 import evaluate
-from conftest import randomize_
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=2, text_width=64, text_layers=2)

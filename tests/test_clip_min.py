@@ -16,9 +16,9 @@ import urllib.error
 
 import pytest
 import torch
+from conftest import randomize_
 
 import clip_min
-from conftest import randomize_
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,

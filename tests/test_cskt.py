@@ -12,10 +12,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import randomize_, trained_parameters
 
 import clip_min
 import cskt
-from conftest import randomize_, trained_parameters
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=3, text_width=64, text_layers=3)

@@ -21,12 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import randomize_  # noqa: E402
+from test_clip_min import FakeResponse  # noqa: E402
+from test_train import REPO, arguments  # noqa: E402
 
 import clip_min  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from test_clip_min import FakeResponse  # noqa: E402
-from test_train import REPO, arguments  # noqa: E402
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=2, text_width=64, text_layers=2)

@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
+from conftest import randomize_, trained_parameters
+from test_cskt import check_autocast_training_step, train_in_copied_folder
 
 import clip_min
 import dm_adapter
-from conftest import randomize_, trained_parameters
-from test_cskt import check_autocast_training_step, train_in_copied_folder
 
 TINY = clip_min.CLIPConfig(embed_dim=32, image_size=(32, 16), patch_size=8, stride=8, vision_width=64,
                            vision_layers=2, text_width=64, text_layers=2)

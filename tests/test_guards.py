@@ -13,13 +13,13 @@ import os
 
 import pytest
 import torch
+from conftest import TINY  # the CLIP of the `setup` fixture
+from test_train import arguments, journal
 
 import clip_min
 import data
 import evaluate
 import train
-from conftest import TINY  # the CLIP of the `setup` fixture
-from test_train import arguments, journal
 
 
 def split_name(split):

@@ -15,16 +15,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY  # the CLIP of the `setup` fixture
 from PIL import Image
+from test_clip_min import irra_checkpoint
+from test_data import undecodable_jpeg
 
 import clip_min
 import cskt
 import data
 import evaluate
 import train
-from conftest import TINY  # the CLIP of the `setup` fixture
-from test_clip_min import irra_checkpoint
-from test_data import undecodable_jpeg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
