@@ -7,23 +7,17 @@ ICML 2021, arXiv 2103.00020) embeds an image and a sentence into one space, E di
     text feature   t = ln_final(Transformer(tokens)[EOT]) @ text_projection [E]
 
 and trains both towers so that cos(v_i, t_j) is high exactly when image i and caption j belong
-together. Both towers are stacks of the same pre-norm transformer block
+together. Both towers, the image one a Vision Transformer (Dosovitskiy et al., arXiv 2010.11929)
+and the text one causal, are stacks of the same pre-norm transformer block
 
     x = x + attn(ln_1(x))
     x = x + mlp(ln_2(x)),      mlp(x) = c_proj(QuickGELU(c_fc(x))),  QuickGELU(x) = x σ(1.702 x)
 
-The image tower is a Vision Transformer (Dosovitskiy et al., arXiv 2010.11929): a strided conv
-cuts the image into patches, a learned class token is prepended and a position embedding added.
-The text tower reads byte-pair-encoded tokens with causal attention; its feature is the output
-at the end-of-text token.
-
-The model matches OpenAI's tensor for tensor, with OpenAI's state-dict names, so the released
-checkpoints load strictly. Only mechanics differ: batch-first tensors, scaled_dot_product_attention,
-fp32 weights under autocast instead of fp16 weights, and person-shaped inputs (384x128 with a
-resized position grid, as text-based person retrieval needs). Beside the model live its losses:
-CLIP's symmetric InfoNCE (the demo pretrains its tiny CLIP with it) and SDM, the loss every method
-here trains with (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for
-Text-to-Image Person Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
+OpenAI's checkpoints load strictly: same tensors, same names. Only mechanics differ: batch-first
+tensors, scaled_dot_product_attention, fp32 weights under autocast, and person-shaped inputs
+(384x128, the position grid resized). The losses: CLIP's InfoNCE (the demo pretrains with it)
+and SDM, which every method here trains with (Jiang & Ye, "Cross-Modal Implicit Relation
+Reasoning and Aligning for Text-to-Image Person Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
 """
 
 import contextlib
@@ -34,7 +28,6 @@ import html
 import math
 import os
 import sys
-import urllib.error
 import urllib.request
 import uuid
 import warnings
@@ -57,10 +50,8 @@ class CLIPError(Exception):
 # ------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE exactly as OpenAI's simple_tokenizer.py
 # ------------------------------------------------------------------------------------------------
-# Text is cleaned and split into words by a regex; each word's UTF-8 bytes become printable
-# characters, and the BPE merges (in rank order) glue them into vocabulary symbols, the last one
-# of a word marked "</w>". Ids: 256 byte symbols, the same with "</w>", one per merge, then
-# <|startoftext|> and <|endoftext|>.
+# Text is cleaned and split into words by a regex; the BPE merges, in rank order, glue each
+# word's bytes (as printable characters) into vocabulary symbols, a word's last one ending "</w>".
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "bpe_simple_vocab_16e6.txt.gz")
@@ -77,9 +68,8 @@ WORD_PATTERN = regex.compile(
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """A reversible map from the 256 byte values to printable characters, so that no BPE symbol
-    is whitespace: printable Latin-1 bytes stand for themselves, the others move to 256 and up.
-    The dict's order is the order of the first 256 vocabulary ids."""
+    """Bytes -> printable characters, reversibly, so that no BPE symbol is whitespace. The dict's
+    order is the order of the first 256 vocabulary ids."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     mapping = {byte: chr(byte) for byte in printable}
@@ -87,12 +77,6 @@ def bytes_to_unicode() -> dict[int, str]:
         if byte not in mapping:
             mapping[byte] = chr(256 + len(mapping) - len(printable))
     return mapping
-
-
-def clean_text(text: str) -> str:
-    """OpenAI's cleaning: repair mojibake, unescape HTML twice, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 class Tokenizer:
@@ -127,21 +111,22 @@ class Tokenizer:
             best = min(zip(parts, parts[1:]), key=lambda pair: self.merge_rank.get(pair, math.inf))
             if best not in self.merge_rank:
                 break
-            merged, i = [], 0
-            while i < len(parts):  # every occurrence, left to right, without overlap
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
+            merged = []
+            for part in parts:  # every occurrence, left to right, without overlap:
+                if merged and (merged[-1], part) == best:  # a merged symbol is never best[0]
+                    merged[-1] += part
                 else:
-                    merged.append(parts[i])
-                    i += 1
+                    merged.append(part)
             parts = merged
         self.cache[word] = parts
         return parts
 
     def encode(self, text: str) -> list[int]:
+        # OpenAI's cleaning: repair mojibake, unescape HTML twice, collapse whitespace, lowercase.
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = regex.sub(r"\s+", " ", text).strip().lower()
         ids = []
-        for word in WORD_PATTERN.findall(clean_text(text)):
+        for word in WORD_PATTERN.findall(text):
             chars = "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
             ids.extend(self.encoder[symbol] for symbol in self.bpe(chars))
         return ids
@@ -159,10 +144,8 @@ def default_tokenizer() -> Tokenizer:
 
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH,
              truncate: bool = False) -> torch.Tensor:
-    """Texts -> LongTensor [N, context_length]: [SOT, ids..., EOT, 0, 0, ...].
-
-    A text longer than the context raises ValueError, unless `truncate`, which keeps the first
-    `context_length` tokens and puts EOT last (what person-retrieval training does)."""
+    """Texts -> LongTensor [N, context_length]: [SOT, ids..., EOT, 0, 0, ...]. A longer text is a
+    ValueError, unless `truncate` (as person-retrieval training does) cuts it, EOT kept last."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)  # [N, L]
     for row, text in enumerate(texts):
@@ -189,10 +172,8 @@ def decode(ids: torch.Tensor | list[int]) -> str | list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model pieces. cskt.py and dm_adapter.py run their own loops over these, so they are public:
-#   VisionTransformer.embed / .ln_pre / .transformer.resblocks / .pool
-#   CLIP.embed_text / .transformer.resblocks / .pool_text
-#   ResidualAttentionBlock.ln_1 / .attn / .ln_2 / .mlp
+# Model pieces, public because cskt.py and dm_adapter.py run their own loops over the blocks:
+# VisionTransformer.embed/ln_pre/transformer.resblocks/pool, CLIP.embed_text/transformer/pool_text
 # ------------------------------------------------------------------------------------------------
 
 class QuickGELU(nn.Module):
@@ -262,7 +243,6 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         for block in self.resblocks:
-            # Checkpointing keeps only the block's input; the backward pass runs the block again.
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
         return x
 
@@ -296,8 +276,7 @@ class VisionTransformer(nn.Module):
         class_token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
         return torch.cat([class_token, patches], dim=1) + self.positional_embedding  # [B, 1 + N, W]
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L, W] -> [B, E]: the class token, normalised and projected."""
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L, W] -> [B, E]
         return self.ln_post(tokens[:, 0]) @ self.proj
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
@@ -323,8 +302,7 @@ class CLIPConfig:
 # ------------------------------------------------------------------------------------------------
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 (fp64 stays fp64): what the losses and DM-Adapter's router compute in, whatever
-    the autocast context."""
+    """x in fp32 or fp64, whatever the autocast context: the losses' and DM-Adapter's router's."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -335,9 +313,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
         logits = exp(logit_scale) * v @ t.T          [B, B], v and t L2-normalised
         L = (cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2,   i = 0..B-1
 
-    Every other pair of the batch is a negative, even one of the same person: right for
-    pretraining on captions of distinct images (the demo's tiny CLIP); SDM below is the loss for
-    batches with several captions of one identity."""
+    Every other pair is a negative, even one of the same person: right for pretraining on
+    captions of distinct images (the demo's tiny CLIP), not for several captions of one identity."""
     with torch.autocast(image_features.device.type, enabled=False):
         image_features = F.normalize(at_least_fp32(image_features), dim=-1)  # [B, E]
         text_features = F.normalize(at_least_fp32(text_features), dim=-1)  # [B, E]
@@ -352,8 +329,6 @@ def processes() -> int:
 
 
 class _GatherShares(torch.autograd.Function):
-    """Every process's share [B, ...] in rank order -> [N*B, ...]; differentiable (own rows)."""
-
     @staticmethod
     def forward(ctx, share: torch.Tensor) -> torch.Tensor:
         shares = [torch.empty_like(share) for _ in range(dist.get_world_size())]
@@ -384,18 +359,14 @@ def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: to
         p^{i2t}_i = softmax_j(s * cos(v_i, t_j)),   p^{t2i}_i = softmax_j(s * cos(t_i, v_j))
         L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / temperature
 
-    The target spreads evenly over every pair of the same identity. With one caption per
-    identity q is the identity matrix, CLIP's setting (InfoNCE is KL(q || p); SDM measures
-    KL(p || q), with log(q + epsilon)). 0.02 is the temperature of IRRA and both methods.
-
-    Under torchrun each process holds a share of the batch: the shares are gathered first, so
-    SDM runs over the whole batch and every process computes the loss one process would."""
+    With one caption per identity q is the identity matrix, CLIP's setting (InfoNCE is KL(q || p);
+    SDM measures KL(p || q), with log(q + epsilon)). 0.02 is the temperature of IRRA and both
+    methods. Under torchrun the processes' shares of the batch are gathered first, so every
+    process computes the loss over the whole batch, as one process would."""
     with torch.autocast(image_features.device.type, enabled=False):
-        image_features = gather_shares(at_least_fp32(image_features))  # [B, E], all processes'
-        text_features = gather_shares(at_least_fp32(text_features))  # [B, E]
+        image_features = F.normalize(gather_shares(at_least_fp32(image_features)), dim=-1)  # [B, E]
+        text_features = F.normalize(gather_shares(at_least_fp32(text_features)), dim=-1)  # [B, E]
         pids = gather_shares(pids)  # [B]
-        image_features = F.normalize(image_features, dim=-1)
-        text_features = F.normalize(text_features, dim=-1)
         same_identity = (pids[:, None] == pids[None, :]).to(image_features.dtype)  # [B, B]
         target = same_identity / same_identity.sum(dim=1, keepdim=True)  # [B, B]
         log_target = torch.log(target + epsilon)
@@ -433,17 +404,15 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=config.text_width ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing in both towers: the backward pass recomputes each block
-        instead of keeping its activations, for one more forward pass of compute; the loss and
-        every gradient are the same (bit for bit on the CPU)."""
+        """Activation checkpointing in both towers: the backward pass runs each block again
+        rather than keep its activations; loss and gradients are the same (bit for bit on CPU)."""
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
         return self.visual(images)
 
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, w]: token embedding plus position embedding."""
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, w]
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
 
     def pool_text(self, tokens: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
@@ -465,9 +434,6 @@ class CLIP(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Building a model from a state dict: every hyper-parameter is read off the tensors' shapes
 # ------------------------------------------------------------------------------------------------
-
-RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # non-weights in OpenAI's
-
 
 def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, int],
                                 new_grid: tuple[int, int]) -> torch.Tensor:
@@ -530,10 +496,10 @@ def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None 
 
 def build_model(state_dict: dict, image_size: tuple[int, int] | None = None,
                 stride: int | None = None) -> CLIP:
-    """A CLIP with the given weights, in fp32 whatever the file holds (OpenAI's are fp16), at
-    `image_size` (H, W; default: the checkpoint's own square size) and patch `stride` (default:
-    the patch size)."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in RELEASE_EXTRAS}
+    """A CLIP with these weights in fp32 (OpenAI's are fp16), at `image_size` (H, W; default: the
+    checkpoint's own square size) and patch `stride` (default: the patch size)."""
+    extras = ("input_resolution", "context_length", "vocab_size")  # numbers in OpenAI's files
+    state_dict = {k: v for k, v in state_dict.items() if k not in extras}
     try:
         config, stored_grid = config_from_state_dict(state_dict, image_size, stride)
         with torch.device("meta"):  # no memory and no random init for weights replaced at once
@@ -545,9 +511,8 @@ def build_model(state_dict: dict, image_size: tuple[int, int] | None = None,
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     positional = state_dict["visual.positional_embedding"]
     if positional.ndim == 2:  # a wrong shape is reported by load_state_dict
-        new_grid = patch_grid(config.image_size, config.patch_size, config.stride)
-        positional = resize_positional_embedding(positional, stored_grid, new_grid)
-        state_dict["visual.positional_embedding"] = positional
+        state_dict["visual.positional_embedding"] = resize_positional_embedding(
+            positional, stored_grid, model.visual.grid)
     try:  # reports missing keys, unexpected keys and wrong shapes, all at once
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:
@@ -580,11 +545,9 @@ def file_sha256(path: str) -> str:
 
 @contextlib.contextmanager
 def atomic_file(path: str):
-    """A binary file to write that appears at `path` only once complete, and durably: written
-    under a name of its own beside `path` (random and created exclusively, so that processes on
-    machines sharing a file system never write into one file), flushed to the disk, renamed
-    over `path`, the rename flushed too. An error or Ctrl-C inside the block leaves the previous
-    file whole and no temporary one."""
+    """A binary file to write that appears at `path` only once complete and on the disk. Until
+    then it has a random name, created exclusively, so that machines sharing a file system never
+    write into one file; an error or Ctrl-C in the block leaves the old file and no temporary."""
     temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(temporary, "xb") as file:
@@ -596,7 +559,7 @@ def atomic_file(path: str):
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
-    with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
+    with contextlib.suppress(OSError):  # folders cannot be opened on Windows
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(folder)
@@ -633,7 +596,7 @@ def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
                 if digest.hexdigest() != sha256:
                     raise CLIPError(f"the download of {url} is corrupt: SHA-256 "
                                     f"{digest.hexdigest()}, expected {sha256}; run again")
-    except (urllib.error.URLError, OSError) as error:
+    except OSError as error:  # urllib's URLError is an OSError too
         raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, "
                         f"download that file elsewhere and put it at {target} (SHA-256 {sha256})"
                         ) from None
@@ -663,11 +626,10 @@ def is_torchscript(path: str) -> bool:
     return any("/code/" in name or name.endswith("constants.pkl") for name in names)
 
 
-# IRRA's released models (github.com/anosorae/IRRA) are dicts: "model" holds its state dict, the
-# CLIP under "base_model." (each key behind "module." when saved from DDP) with its linear and
-# conv weights in fp16 and no logit_scale (IRRA fixes the temperature at 0.02), beside heads it
-# only trains with (cross-modal transformer, MLM head, classifier); "optimizer", "scheduler" and
-# epoch counters sit beside "model". IRRA evaluates that CLIP alone.
+# IRRA's released models (github.com/anosorae/IRRA) are dicts whose "model" holds the state dict:
+# the CLIP under "base_model." ("module.base_model." if saved from DDP), its linear and conv
+# weights in fp16, no logit_scale (IRRA fixes the temperature at 0.02), beside heads used only in
+# training (cross-modal transformer, MLM head, classifier). IRRA evaluates that CLIP alone.
 IRRA_PREFIX = "base_model."
 
 
@@ -690,7 +652,7 @@ def read_state_dict(path: str, trust_jit: bool = False) -> tuple[dict, str]:
     """(the CLIP tensors of a checkpoint file, a line saying what else it held, or ""). A
     TorchScript archive runs code from the file when loaded, so it is loaded only when its hash
     is a known release or the caller trusts it; everything else goes through `load_file`."""
-    if os.path.isfile(path) and is_torchscript(path):
+    if is_torchscript(path):
         sha256 = file_sha256(path)
         if not trust_jit and sha256 not in {h for h, _ in RELEASES.values()}:
             raise CLIPError(f"{path} is a TorchScript archive whose SHA-256 ({sha256}) is not an "
