@@ -7,23 +7,16 @@ ICML 2021, arXiv 2103.00020) embeds an image and a sentence into one space, E di
     text feature   t = ln_final(Transformer(tokens)[EOT]) @ text_projection [E]
 
 and trains both towers so that cos(v_i, t_j) is high exactly when image i and caption j belong
-together. Both towers are stacks of the same pre-norm transformer block
+together. Both towers (the image one a ViT: Dosovitskiy et al., arXiv 2010.11929) stack one block
 
     x = x + attn(ln_1(x))
     x = x + mlp(ln_2(x)),      mlp(x) = c_proj(QuickGELU(c_fc(x))),  QuickGELU(x) = x σ(1.702 x)
 
-The image tower is a Vision Transformer (Dosovitskiy et al., arXiv 2010.11929): a strided conv
-cuts the image into patches, a learned class token is prepended and a position embedding added.
-The text tower reads byte-pair-encoded tokens with causal attention; its feature is the output
-at the end-of-text token.
-
-The model matches OpenAI's tensor for tensor, with OpenAI's state-dict names, so the released
-checkpoints load strictly. Only mechanics differ: batch-first tensors, scaled_dot_product_attention,
-fp32 weights under autocast instead of fp16 weights, and person-shaped inputs (384x128 with a
-resized position grid, as text-based person retrieval needs). Beside the model live its losses:
-CLIP's symmetric InfoNCE (the demo pretrains its tiny CLIP with it) and SDM, the loss every method
-here trains with (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for
-Text-to-Image Person Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
+OpenAI's checkpoints load strictly: same tensors, same names. Only mechanics differ: batch-first
+tensors, scaled_dot_product_attention, fp32 weights under autocast, and person-shaped inputs
+(384x128, the position grid resized). The losses: CLIP's InfoNCE (the demo pretrains with it)
+and SDM, which every method here trains with (Jiang & Ye, "Cross-Modal Implicit Relation
+Reasoning and Aligning for Text-to-Image Person Retrieval" (IRRA), CVPR 2023, arXiv 2303.12501).
 """
 
 import contextlib
@@ -34,7 +27,6 @@ import html
 import math
 import os
 import sys
-import urllib.error
 import urllib.request
 import uuid
 import warnings
@@ -57,10 +49,6 @@ class CLIPError(Exception):
 # ------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE exactly as OpenAI's simple_tokenizer.py
 # ------------------------------------------------------------------------------------------------
-# Text is cleaned and split into words by a regex; each word's UTF-8 bytes become printable
-# characters, and the BPE merges (in rank order) glue them into vocabulary symbols, the last one
-# of a word marked "</w>". Ids: 256 byte symbols, the same with "</w>", one per merge, then
-# <|startoftext|> and <|endoftext|>.
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "bpe_simple_vocab_16e6.txt.gz")
@@ -70,16 +58,12 @@ SOT_TOKEN = 49406  # <|startoftext|>
 EOT_TOKEN = 49407  # <|endoftext|>: the largest id, so argmax(ids) finds it
 CONTEXT_LENGTH = 77
 
-WORD_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
-)
+WORD_PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                             r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """A reversible map from the 256 byte values to printable characters, so that no BPE symbol
-    is whitespace: printable Latin-1 bytes stand for themselves, the others move to 256 and up.
-    The dict's order is the order of the first 256 vocabulary ids."""
+    """Byte -> printable character, reversibly (no BPE symbol is whitespace), in id order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     mapping = {byte: chr(byte) for byte in printable}
@@ -89,22 +73,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def clean_text(text: str) -> str:
-    """OpenAI's cleaning: repair mojibake, unescape HTML twice, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
-
-
 class Tokenizer:
-    """Byte-level BPE; `encode` gives OpenAI's ids for any text, `decode` inverts it."""
-
     def __init__(self, vocab_path: str = VOCAB_PATH):
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
         if not os.path.isfile(vocab_path):
-            raise CLIPError(f"the BPE vocabulary {vocab_path} is missing; it ships next to "
-                            "clip_min.py, and in the PyPI wheels of clip-anytorch and "
-                            f"open_clip_torch (SHA-256 {VOCAB_SHA256})")
+            raise CLIPError(f"{vocab_path} is missing; it ships beside clip_min.py and in the PyPI "
+                            f"wheels of clip-anytorch and open_clip_torch (SHA-256 {VOCAB_SHA256})")
         with gzip.open(vocab_path, "rt", encoding="utf-8") as file:
             lines = file.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
@@ -127,21 +102,22 @@ class Tokenizer:
             best = min(zip(parts, parts[1:]), key=lambda pair: self.merge_rank.get(pair, math.inf))
             if best not in self.merge_rank:
                 break
-            merged, i = [], 0
-            while i < len(parts):  # every occurrence, left to right, without overlap
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
+            merged = []
+            for part in parts:  # every occurrence, left to right, without overlap:
+                if merged and (merged[-1], part) == best:  # a merged symbol is never best[0]
+                    merged[-1] += part
                 else:
-                    merged.append(parts[i])
-                    i += 1
+                    merged.append(part)
             parts = merged
         self.cache[word] = parts
         return parts
 
     def encode(self, text: str) -> list[int]:
+        # OpenAI's cleaning: repair mojibake, unescape HTML twice, collapse whitespace, lowercase.
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = regex.sub(r"\s+", " ", text).strip().lower()
         ids = []
-        for word in WORD_PATTERN.findall(clean_text(text)):
+        for word in WORD_PATTERN.findall(text):
             chars = "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
             ids.extend(self.encoder[symbol] for symbol in self.bpe(chars))
         return ids
@@ -159,10 +135,7 @@ def default_tokenizer() -> Tokenizer:
 
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH,
              truncate: bool = False) -> torch.Tensor:
-    """Texts -> LongTensor [N, context_length]: [SOT, ids..., EOT, 0, 0, ...].
-
-    A text longer than the context raises ValueError, unless `truncate`, which keeps the first
-    `context_length` tokens and puts EOT last (what person-retrieval training does)."""
+    """Texts -> [N, context_length] ids: [SOT, ids..., EOT, 0, ...]; `truncate` cuts long ones."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)  # [N, L]
     for row, text in enumerate(texts):
@@ -189,10 +162,82 @@ def decode(ids: torch.Tensor | list[int]) -> str | list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model pieces. cskt.py and dm_adapter.py run their own loops over these, so they are public:
-#   VisionTransformer.embed / .ln_pre / .transformer.resblocks / .pool
-#   CLIP.embed_text / .transformer.resblocks / .pool_text
-#   ResidualAttentionBlock.ln_1 / .attn / .ln_2 / .mlp
+# The losses: CLIP's symmetric InfoNCE, and similarity distribution matching (SDM, IRRA)
+# ------------------------------------------------------------------------------------------------
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's contrastive loss over B matching pairs (Radford et al. 2021, Figure 3):
+
+        logits = exp(logit_scale) * v @ t.T          [B, B], v and t L2-normalised
+        L = (cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2,   i = 0..B-1
+
+    Every other pair is a negative, even of the same person: right for the demo's pretraining."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features = F.normalize(at_least_fp32(image_features), dim=-1)  # [B, E]
+        text_features = F.normalize(at_least_fp32(text_features), dim=-1)  # [B, E]
+        logits = at_least_fp32(logit_scale).exp() * image_features @ text_features.T  # [B, B]
+        matching = torch.arange(len(logits), device=logits.device)  # pair i's caption is caption i
+        return (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
+
+
+def processes() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherShares(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, share: torch.Tensor) -> torch.Tensor:
+        shares = [torch.empty_like(share) for _ in range(dist.get_world_size())]
+        dist.all_gather(shares, share.contiguous())
+        return torch.cat(shares)  # [N*B, ...]
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        # Every process computes the same loss from the same batch, so holds the same gradient: no
+        # all-reduce. Own rows times N equal its sum of N copies, which DDP's average over N undoes.
+        world_size = dist.get_world_size()
+        return gradient.chunk(world_size)[dist.get_rank()] * world_size
+
+
+def gather_shares(share: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [N*B, ...]: all processes' equal shares, rank order; gradients reach own rows."""
+    return share if processes() == 1 else _GatherShares.apply(share)
+
+
+def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor,
+             temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
+    """Similarity distribution matching over B image-caption pairs:
+
+        q_ij = y_ij / sum_k y_ik,    y_ij = [pid_i == pid_j]
+        p^{i2t}_i = softmax_j(s * cos(v_i, t_j)),   p^{t2i}_i = softmax_j(s * cos(t_i, v_j))
+        L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / temperature
+
+    With one caption per identity q is the identity matrix, CLIP's setting (InfoNCE is KL(q || p);
+    SDM measures KL(p || q), with log(q + epsilon)). 0.02 is IRRA's temperature and both methods'.
+    Under torchrun the shares are gathered first: every process computes the whole batch's loss."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features = F.normalize(gather_shares(at_least_fp32(image_features)), dim=-1)  # [B, E]
+        text_features = F.normalize(gather_shares(at_least_fp32(text_features)), dim=-1)  # [B, E]
+        pids = gather_shares(pids)  # [B]
+        same_identity = (pids[:, None] == pids[None, :]).to(image_features.dtype)  # [B, B]
+        target = same_identity / same_identity.sum(dim=1, keepdim=True)  # [B, B]
+        log_target = torch.log(target + epsilon)
+        image_to_text = image_features @ text_features.T / temperature  # [B, B]
+
+        def kl_to_target(logits: torch.Tensor) -> torch.Tensor:
+            log_p = F.log_softmax(logits, dim=1)
+            return (log_p.exp() * (log_p - log_target)).sum(dim=1).mean()
+
+        return kl_to_target(image_to_text) + kl_to_target(image_to_text.T)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model; its pieces are public, as cskt.py and dm_adapter.py run their own loops over blocks
 # ------------------------------------------------------------------------------------------------
 
 class QuickGELU(nn.Module):
@@ -203,8 +248,7 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, batch first, with nn.MultiheadAttention's parameter names
-    (in_proj_weight, in_proj_bias, out_proj), which are the names in OpenAI's checkpoints."""
+    """Batch-first self-attention with nn.MultiheadAttention's names, as in OpenAI's checkpoints."""
 
     def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
@@ -262,13 +306,11 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         for block in self.resblocks:
-            # Checkpointing keeps only the block's input; the backward pass runs the block again.
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
         return x
 
 
 def patch_grid(image_size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
-    """Rows and columns of patches a conv with this kernel and stride cuts from an H x W image."""
     height, width = image_size
     if height < patch_size or width < patch_size:
         raise ValueError(f"image size {height}x{width} is smaller than the patch size {patch_size}")
@@ -296,8 +338,7 @@ class VisionTransformer(nn.Module):
         class_token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
         return torch.cat([class_token, patches], dim=1) + self.positional_embedding  # [B, 1 + N, W]
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L, W] -> [B, E]: the class token, normalised and projected."""
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L, W] -> [B, E]
         return self.ln_post(tokens[:, 0]) @ self.proj
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
@@ -318,100 +359,6 @@ class CLIPConfig:
     text_layers: int = 12
 
 
-# ------------------------------------------------------------------------------------------------
-# The losses: CLIP's symmetric InfoNCE, and similarity distribution matching (SDM, IRRA)
-# ------------------------------------------------------------------------------------------------
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 (fp64 stays fp64): what the losses and DM-Adapter's router compute in, whatever
-    the autocast context."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-              logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's contrastive loss over B matching pairs (Radford et al. 2021, Figure 3):
-
-        logits = exp(logit_scale) * v @ t.T          [B, B], v and t L2-normalised
-        L = (cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2,   i = 0..B-1
-
-    Every other pair of the batch is a negative, even one of the same person: right for
-    pretraining on captions of distinct images (the demo's tiny CLIP); SDM below is the loss for
-    batches with several captions of one identity."""
-    with torch.autocast(image_features.device.type, enabled=False):
-        image_features = F.normalize(at_least_fp32(image_features), dim=-1)  # [B, E]
-        text_features = F.normalize(at_least_fp32(text_features), dim=-1)  # [B, E]
-        logits = at_least_fp32(logit_scale).exp() * image_features @ text_features.T  # [B, B]
-        matching = torch.arange(len(logits), device=logits.device)  # pair i's caption is caption i
-        return (F.cross_entropy(logits, matching) + F.cross_entropy(logits.T, matching)) / 2
-
-
-def processes() -> int:
-    """How many processes share each batch: torchrun's world size once it is set up, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _GatherShares(torch.autograd.Function):
-    """Every process's share [B, ...] in rank order -> [N*B, ...]; differentiable (own rows)."""
-
-    @staticmethod
-    def forward(ctx, share: torch.Tensor) -> torch.Tensor:
-        shares = [torch.empty_like(share) for _ in range(dist.get_world_size())]
-        dist.all_gather(shares, share.contiguous())
-        return torch.cat(shares)  # [N*B, ...]
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
-        # Every process computes the same loss from the same gathered batch, so every process
-        # holds the same gradient for it: no communication is needed. The own rows times N are
-        # what an all-reduce (a sum over N equal copies) would give; DDP's average over the N
-        # processes then brings the weights' gradients back to exactly one process's.
-        world_size = dist.get_world_size()
-        return gradient.chunk(world_size)[dist.get_rank()] * world_size
-
-
-def gather_shares(share: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> [N*B, ...]: the whole batch from every process's equal share (rank order);
-    gradients flow back to this process's rows. The share itself with one process."""
-    return share if processes() == 1 else _GatherShares.apply(share)
-
-
-def sdm_loss(image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor,
-             temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
-    """Similarity distribution matching over B image-caption pairs:
-
-        q_ij = y_ij / sum_k y_ik,    y_ij = [pid_i == pid_j]
-        p^{i2t}_i = softmax_j(s * cos(v_i, t_j)),   p^{t2i}_i = softmax_j(s * cos(t_i, v_j))
-        L = mean_i KL(p^{i2t}_i || q_i) + mean_i KL(p^{t2i}_i || q_i),   s = 1 / temperature
-
-    The target spreads evenly over every pair of the same identity. With one caption per
-    identity q is the identity matrix, CLIP's setting (InfoNCE is KL(q || p); SDM measures
-    KL(p || q), with log(q + epsilon)). 0.02 is the temperature of IRRA and both methods.
-
-    Under torchrun each process holds a share of the batch: the shares are gathered first, so
-    SDM runs over the whole batch and every process computes the loss one process would."""
-    with torch.autocast(image_features.device.type, enabled=False):
-        image_features = gather_shares(at_least_fp32(image_features))  # [B, E], all processes'
-        text_features = gather_shares(at_least_fp32(text_features))  # [B, E]
-        pids = gather_shares(pids)  # [B]
-        image_features = F.normalize(image_features, dim=-1)
-        text_features = F.normalize(text_features, dim=-1)
-        same_identity = (pids[:, None] == pids[None, :]).to(image_features.dtype)  # [B, B]
-        target = same_identity / same_identity.sum(dim=1, keepdim=True)  # [B, B]
-        log_target = torch.log(target + epsilon)
-        image_to_text = image_features @ text_features.T / temperature  # [B, B]
-
-        def kl_to_target(logits: torch.Tensor) -> torch.Tensor:
-            log_p = F.log_softmax(logits, dim=1)
-            return (log_p.exp() * (log_p - log_target)).sum(dim=1).mean()
-
-        return kl_to_target(image_to_text) + kl_to_target(image_to_text.T)
-
-
-# ------------------------------------------------------------------------------------------------
-# CLIP: the two towers side by side, and fine-tuning all of it with SDM
-# ------------------------------------------------------------------------------------------------
-
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -425,25 +372,22 @@ class CLIP(nn.Module):
             torch.empty(config.context_length, config.text_width))
         self.ln_final = nn.LayerNorm(config.text_width)
         self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
-        # CLIP's learned temperature. The person-retrieval methods fix theirs and never read it;
-        # it is kept so that OpenAI's checkpoints load strictly.
+        # CLIP's learned temperature: the methods fix theirs, but OpenAI's checkpoints hold it.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=config.text_width ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing in both towers: the backward pass recomputes each block
-        instead of keeping its activations, for one more forward pass of compute; the loss and
-        every gradient are the same (bit for bit on the CPU)."""
+        """Activation checkpointing in both towers: the backward pass runs each block again
+        rather than keep its activations; loss and gradients are the same (bit for bit on CPU)."""
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, E]
         return self.visual(images)
 
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, w]: token embedding plus position embedding."""
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, w]
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
 
     def pool_text(self, tokens: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
@@ -463,11 +407,8 @@ class CLIP(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Building a model from a state dict: every hyper-parameter is read off the tensors' shapes
+# Weights: a model from a state dict (hyper-parameters read off shapes), OpenAI's and IRRA's files
 # ------------------------------------------------------------------------------------------------
-
-RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # non-weights in OpenAI's
-
 
 def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, int],
                                 new_grid: tuple[int, int]) -> torch.Tensor:
@@ -482,7 +423,6 @@ def resize_positional_embedding(positional: torch.Tensor, old_grid: tuple[int, i
 
 
 def layer_counts(state_dict: dict) -> tuple[int, int]:
-    """(image tower's blocks, text tower's blocks), counted from the state dict's keys."""
     vision = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict)
     text = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
     return vision, text
@@ -490,9 +430,7 @@ def layer_counts(state_dict: dict) -> tuple[int, int]:
 
 def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None = None,
                            stride: int | None = None) -> tuple[CLIPConfig, tuple[int, int]]:
-    """(config, the grid the position embedding is stored at). A square grid is resized to
-    whatever `image_size` and `stride` need; a person-shaped one (saved from a person-shaped
-    model) is used as it is, so it needs the image size and stride it was saved with."""
+    """(config, stored position grid); a non-square grid needs the image_size and stride it had."""
     if "visual.proj" not in state_dict:
         if any(key.startswith("visual.layer1.") for key in state_dict):
             raise CLIPError("this is a ResNet CLIP checkpoint (RN50, RN101, ...), which is not "
@@ -515,25 +453,20 @@ def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None 
     vision_layers, text_layers = layer_counts(state_dict)
     config = CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
-        image_size=image_size,
-        patch_size=patch_size,
-        stride=stride,
-        vision_width=state_dict["visual.conv1.weight"].shape[0],
-        vision_layers=vision_layers,
+        image_size=image_size, patch_size=patch_size, stride=stride,
+        vision_width=state_dict["visual.conv1.weight"].shape[0], vision_layers=vision_layers,
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0],
-        text_width=state_dict["ln_final.weight"].shape[0],
-        text_layers=text_layers,
-    )
+        text_width=state_dict["ln_final.weight"].shape[0], text_layers=text_layers)
     return config, stored_grid
 
 
 def build_model(state_dict: dict, image_size: tuple[int, int] | None = None,
                 stride: int | None = None) -> CLIP:
-    """A CLIP with the given weights, in fp32 whatever the file holds (OpenAI's are fp16), at
-    `image_size` (H, W; default: the checkpoint's own square size) and patch `stride` (default:
-    the patch size)."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in RELEASE_EXTRAS}
+    """A CLIP with these weights in fp32 (OpenAI's are fp16), at `image_size` (H, W; default: the
+    checkpoint's own square size) and patch `stride` (default: the patch size)."""
+    extras = ("input_resolution", "context_length", "vocab_size")  # numbers in OpenAI's files
+    state_dict = {k: v for k, v in state_dict.items() if k not in extras}
     try:
         config, stored_grid = config_from_state_dict(state_dict, image_size, stride)
         with torch.device("meta"):  # no memory and no random init for weights replaced at once
@@ -545,19 +478,14 @@ def build_model(state_dict: dict, image_size: tuple[int, int] | None = None,
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     positional = state_dict["visual.positional_embedding"]
     if positional.ndim == 2:  # a wrong shape is reported by load_state_dict
-        new_grid = patch_grid(config.image_size, config.patch_size, config.stride)
-        positional = resize_positional_embedding(positional, stored_grid, new_grid)
-        state_dict["visual.positional_embedding"] = positional
+        state_dict["visual.positional_embedding"] = resize_positional_embedding(
+            positional, stored_grid, model.visual.grid)
     try:  # reports missing keys, unexpected keys and wrong shapes, all at once
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:
         raise CLIPError(" ".join(str(error).split())) from None
     return model
 
-
-# ------------------------------------------------------------------------------------------------
-# OpenAI's released weights: download, verify, load safely; and IRRA's released models
-# ------------------------------------------------------------------------------------------------
 
 RELEASES = {  # name -> (SHA-256 of the file, file name); the URL holds the hash
     "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
@@ -580,11 +508,9 @@ def file_sha256(path: str) -> str:
 
 @contextlib.contextmanager
 def atomic_file(path: str):
-    """A binary file to write that appears at `path` only once complete, and durably: written
-    under a name of its own beside `path` (random and created exclusively, so that processes on
-    machines sharing a file system never write into one file), flushed to the disk, renamed
-    over `path`, the rename flushed too. An error or Ctrl-C inside the block leaves the previous
-    file whole and no temporary one."""
+    """A binary file to write that appears at `path` only once complete and on the disk. Until
+    then it has a random name, created exclusively, so that machines sharing a file system never
+    write into one file; an error or Ctrl-C in the block leaves the old file and no temporary."""
     temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(temporary, "xb") as file:
@@ -596,7 +522,7 @@ def atomic_file(path: str):
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
-    with contextlib.suppress(OSError, AttributeError):  # folders cannot be opened on Windows
+    with contextlib.suppress(OSError):  # folders cannot be opened on Windows
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(folder)
@@ -605,8 +531,7 @@ def atomic_file(path: str):
 
 
 def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
-    """The path of a released checkpoint in `cache_dir`, downloaded first if needed; its SHA-256
-    is checked after the download and on every later use."""
+    """A release's path in `cache_dir`, downloaded if needed; its SHA-256 is checked every time."""
     sha256, file_name = RELEASES[name]
     target = os.path.join(cache_dir, file_name)
     if os.path.isfile(target):
@@ -633,16 +558,14 @@ def download(name: str, cache_dir: str = DEFAULT_CACHE) -> str:
                 if digest.hexdigest() != sha256:
                     raise CLIPError(f"the download of {url} is corrupt: SHA-256 "
                                     f"{digest.hexdigest()}, expected {sha256}; run again")
-    except (urllib.error.URLError, OSError) as error:
+    except OSError as error:  # urllib's URLError is an OSError too
         raise CLIPError(f"could not download {name} from {url} ({error}). Without a network, "
-                        f"download that file elsewhere and put it at {target} (SHA-256 {sha256})"
-                        ) from None
+                        f"fetch it elsewhere and put it at {target} (SHA-256 {sha256})") from None
     return target
 
 
 def load_file(path: str):
-    """What torch.save wrote at `path`, read without running code from the file
-    (weights_only=True); a file that is not one is a one-line CLIPError."""
+    """What torch.save wrote at `path`, read with weights_only=True (no code from the file runs)."""
     if not os.path.isfile(path):
         raise CLIPError(f"no such file: {path}")
     if os.path.getsize(path) == 0:
@@ -663,17 +586,30 @@ def is_torchscript(path: str) -> bool:
     return any("/code/" in name or name.endswith("constants.pkl") for name in names)
 
 
-# IRRA's released models (github.com/anosorae/IRRA) are dicts: "model" holds its state dict, the
-# CLIP under "base_model." (each key behind "module." when saved from DDP) with its linear and
-# conv weights in fp16 and no logit_scale (IRRA fixes the temperature at 0.02), beside heads it
-# only trains with (cross-modal transformer, MLM head, classifier); "optimizer", "scheduler" and
-# epoch counters sit beside "model". IRRA evaluates that CLIP alone.
+# IRRA's released models (github.com/anosorae/IRRA) are dicts whose "model" holds the CLIP under
+# "base_model." ("module.base_model." from DDP; fp16 linear and conv weights, no logit_scale: IRRA's
+# temperature is fixed) beside heads used only in training. IRRA evaluates that CLIP alone.
 IRRA_PREFIX = "base_model."
 
 
-def clip_of_irra(checkpoint: dict, path: str) -> tuple[dict, str]:
-    """(the CLIP's tensors, a line saying what was left out) of IRRA's checkpoint."""
-    model = {key.removeprefix("module."): value for key, value in checkpoint["model"].items()}
+def read_state_dict(path: str, trust_jit: bool = False) -> tuple[dict, str]:
+    """(a checkpoint file's CLIP tensors, a line saying what else it held, or ""). TorchScript runs
+    code from the file when loaded: only a known release's loads, or any with trust_jit."""
+    if is_torchscript(path):
+        sha256 = file_sha256(path)
+        if not trust_jit and sha256 not in {h for h, _ in RELEASES.values()}:
+            raise CLIPError(f"{path} is a TorchScript archive whose SHA-256 ({sha256}) is not an "
+                            "OpenAI release; loading it runs code from the file. If you trust it, "
+                            "pass trust_jit=True; otherwise save its state dict with torch.save")
+        with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(path, map_location="cpu").state_dict()), ""
+    state_dict = load_file(path)
+    if not isinstance(state_dict, dict):
+        raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    if not isinstance(state_dict.get("model"), dict):
+        return state_dict, ""
+    model = {key.removeprefix("module."): value for key, value in state_dict["model"].items()}
     clip = {key.removeprefix(IRRA_PREFIX): value
             for key, value in model.items() if key.startswith(IRRA_PREFIX)}
     if not clip:
@@ -686,33 +622,11 @@ def clip_of_irra(checkpoint: dict, path: str) -> tuple[dict, str]:
                   "training heads are left out")
 
 
-def read_state_dict(path: str, trust_jit: bool = False) -> tuple[dict, str]:
-    """(the CLIP tensors of a checkpoint file, a line saying what else it held, or ""). A
-    TorchScript archive runs code from the file when loaded, so it is loaded only when its hash
-    is a known release or the caller trusts it; everything else goes through `load_file`."""
-    if os.path.isfile(path) and is_torchscript(path):
-        sha256 = file_sha256(path)
-        if not trust_jit and sha256 not in {h for h, _ in RELEASES.values()}:
-            raise CLIPError(f"{path} is a TorchScript archive whose SHA-256 ({sha256}) is not an "
-                            "OpenAI release; loading it runs code from the file. If you trust it, "
-                            "pass trust_jit=True; otherwise save its state dict with torch.save")
-        with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            return dict(torch.jit.load(path, map_location="cpu").state_dict()), ""
-    state_dict = load_file(path)
-    if not isinstance(state_dict, dict):
-        raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    if isinstance(state_dict.get("model"), dict):
-        return clip_of_irra(state_dict, path)
-    return state_dict, ""
-
-
 def load(name_or_path: str = "ViT-B/16", image_size: tuple[int, int] = (384, 128),
          stride: int = 16, device: str | torch.device = "cpu", trust_jit: bool = False,
          cache_dir: str = DEFAULT_CACHE) -> CLIP:
-    """A CLIP from a release name (downloaded to `cache_dir`) or a file: an OpenAI TorchScript
-    archive, a state dict, or IRRA's released model (its CLIP; what else it holds is said in one
-    line on stderr). The weights end up fp32 on `device`."""
+    """A CLIP in fp32 on `device` from a release name (downloaded to `cache_dir`) or a file: an
+    OpenAI TorchScript archive, a state dict or IRRA's model (its CLIP; the rest said on stderr)."""
     if name_or_path in RELEASES:
         path = download(name_or_path, cache_dir)
     elif os.path.exists(name_or_path) or os.path.splitext(name_or_path)[1]:  # a file name
