@@ -14,11 +14,6 @@ Under --root (default data/), a dataset is a JSON list of entries, one per image
     {"split": "train", "id": 12, "file_path": "CUHK01/0363004.png", "captions": ["A woman ..."]}
 
 "split" is "train", "test" or anything else for val; RSTPReid names the image field "img_path".
-
-load_dataset reads every entry, caption and image header before any training and stops at the
-first problem (DataError, one line naming the file and entry); what the authors' readers accept is
-read as they read it and reported (Dataset.report), and the counts are compared with the published
-ones (Dataset.verdict). `python data.py --check NAME` reports every problem and decodes every image.
 """
 
 import argparse
@@ -36,7 +31,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,12 +52,19 @@ class DataError(Exception):
 # ------------------------------------------------------------------------------------------------
 
 WORDS = clip_min.CONTEXT_LENGTH - 2  # BPE ids a caption keeps between SOT and EOT
+MASK_TOKEN = 49405  # <|mask|>: IRRA takes over the last BPE merge's id for it
+MASK_PROB = 0.15  # chance that an eligible token is chosen
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's pixel statistics, RGB in 0..1
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# What Pillow raises on a file it cannot read: the errors its own Image.open takes to mean "not this
+# format", those of its decoders, and DecompressionBombError for a size beyond its limit.
+READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, IndexError, TypeError, struct.error,
+               Image.DecompressionBombError)
 
 
 def caption_ids(tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
-    """BPE ids of N captions -> (ids [N, 77] long: SOT, the ids, EOT, zero padding; the number cut).
-    A caption of more than 75 ids keeps its first 75 and still ends in EOT, the text feature's
-    position, as clip_min.tokenize(truncate=True) does."""
+    """BPE ids of N captions -> (ids [N, 77]: SOT, the first 75 ids, EOT, zero padding; the number
+    cut). EOT, the text feature's position, stays, as in clip_min.tokenize(truncate=True)."""
     ids = torch.zeros(len(tokens), clip_min.CONTEXT_LENGTH, dtype=torch.long)  # [N, 77]
     for row, caption in enumerate(tokens):
         kept = [clip_min.SOT_TOKEN, *caption[:WORDS], clip_min.EOT_TOKEN]
@@ -69,14 +72,9 @@ def caption_ids(tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
     return ids, sum(len(caption) > WORDS for caption in tokens)
 
 
-MASK_TOKEN = 49405  # <|mask|>: IRRA takes over the last BPE merge's id for it
-MASK_PROB = 0.15    # chance that an eligible token is chosen
-
-
 def mask_caption_ids(ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """BERT-style corruption of token ids [N, L] -> a new [N, L]. Eligible are real caption tokens,
-    0 < id < MASK_TOKEN (SOT, EOT and padding never change); a caption where nothing was chosen gets
-    position 1, its first token, masked, as IRRA does."""
+    """BERT-style corruption of token ids [N, L] -> a new [N, L]: only caption tokens (0 < id <
+    MASK_TOKEN) change; a caption where none was chosen gets its first token masked, as IRRA's."""
     def uniform():
         return torch.rand(ids.shape, generator=generator, device=ids.device)  # [N, L]
     chosen = (ids > 0) & (ids < MASK_TOKEN) & (uniform() < MASK_PROB)        # [N, L]
@@ -89,11 +87,6 @@ def mask_caption_ids(ids: torch.Tensor, generator: torch.Generator | None = None
     return out
 
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's pixel statistics, RGB in 0..1
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD = 10  # pixels of zero padding before the random crop
-
-
 def build_transform(image_size: tuple[int, int] = (384, 128), train: bool = False) -> T.Compose:
     """PIL image -> normalised FloatTensor [3, H, W]; image_size is (H, W)."""
     resize = T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR)
@@ -103,14 +96,8 @@ def build_transform(image_size: tuple[int, int] = (384, 128), train: bool = Fals
     # Erasing comes after Normalize, so "fill with the mean values" writes those raw numbers into
     # normalised space (not the mean colour, which would be 0). Both methods trained that way.
     erase = T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=CLIP_MEAN)
-    flip, pad, crop = T.RandomHorizontalFlip(0.5), T.Pad(PAD, fill=0), T.RandomCrop(image_size)
-    return T.Compose([resize, flip, pad, crop, *to_input, erase])
-
-
-# What Pillow raises on a file it cannot read: the errors its own Image.open takes to mean "not this
-# format", those of its decoders, and DecompressionBombError for a size beyond its limit.
-READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, IndexError, TypeError, struct.error,
-               Image.DecompressionBombError)
+    augment = [T.RandomHorizontalFlip(0.5), T.Pad(10, fill=0), T.RandomCrop(image_size)]
+    return T.Compose([resize, *augment, *to_input, erase])
 
 
 def why_unreadable(error: Exception) -> str:
@@ -137,24 +124,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(path: str) -> tuple[Image.Image, bool]:
-    """The image at `path` as 8-bit RGB, decoded in full, and whether the file was cut short: then
-    it is decoded as IRRA's and TBPS-CLIP's pipelines do, with Pillow's LOAD_TRUNCATED_IMAGES (the
-    missing part grey or black), on for that one retry (header reads on other threads ignore it).
-    A file that fails even then raises DataError."""
-    try:
-        with Image.open(path) as image:
-            return to_rgb(image), False
-    except READ_ERRORS as error:
-        strict_error = error
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        with Image.open(path) as image:
-            return to_rgb(image), True
-    except READ_ERRORS:
-        why = why_unreadable(strict_error)
-        raise DataError(f"{path}: unreadable image: {why}") from strict_error
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    """The image at `path` as 8-bit RGB, and whether the file was cut short: then it is decoded as
+    IRRA's and TBPS-CLIP's pipelines do, with Pillow's LOAD_TRUNCATED_IMAGES (the missing part grey
+    or black) on for that one retry, which header reads on other threads ignore. Else DataError."""
+    errors = []
+    for cut_short in (False, True):
+        ImageFile.LOAD_TRUNCATED_IMAGES = cut_short
+        try:
+            with Image.open(path) as image:
+                return to_rgb(image), cut_short
+        except READ_ERRORS as error:
+            errors.append(error)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+    raise DataError(f"{path}: unreadable image: {why_unreadable(errors[0])}") from errors[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +176,9 @@ PUBLISHED = {
 }
 RSTPREID_OLD_IDS = {"train": 3_901, "val": 100, "test": 100}  # the first release, since withdrawn
 CAPTION_ALL = "caption_all.json"  # what the CUHK-PEDES archive ships: reid_raw.json without "split"
+# Header reads in flight at once: 40,000 JPEGs took 1.5 s on one thread and 1.2 s on 16 from the
+# page cache (Pillow holds the GIL), 5.0 s against 2.9 s from disk, where threads overlap the waits.
+IMAGE_CHECK_THREADS = 16
 
 
 @dataclass
@@ -223,14 +209,13 @@ class Dataset:
     train: TrainSplit
     val: EvalSplit | None
     test: EvalSplit
-    report: list[str] = field(default_factory=list)  # what was odd but usable, a line per kind
-    published: bool | None = None  # the published set? (None: no published counts)
-    verdict: str = ""  # one line: matches the published set, or how it differs and the likely cause
+    report: list[str]  # what was odd but usable, a line per kind
+    published: bool | None  # the published set? (None: no published counts)
+    verdict: str  # one line: matches the published set, or how it differs and the likely cause
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One annotation entry with every field right: an image and its captions."""
+class Entry:  # an annotation entry with every field right: an image and its captions
     split: str  # "train", "val" or "test"
     pid: int
     image: str  # absolute path, inside <root>/<name>/imgs/
@@ -241,19 +226,13 @@ class Entry:
 
 
 @dataclass
-class Annotations:
-    """What read_annotations found in an annotation file."""
+class Annotations:  # what read_annotations found in an annotation file
     path: str
     entries: list[Entry]  # the valid ones: every field right and the image opens
     problems: list[str]   # one line each, in file order
-    counts: dict[str, tuple[int, int, int]]  # per split, of the entries with every field right:
-    missing: list[Entry]  # (ids, images, captions); those of them whose image is not found
+    counts: dict[str, tuple[int, int, int]]  # (ids, images, captions) per split, of the entries
+    missing: list[Entry]  # with every field right; those of them whose image is not found
     notes: list[str]      # how it was read
-
-
-# Header reads in flight at once: 40,000 JPEGs took 1.5 s on one thread and 1.2 s on 16 from the
-# page cache (Pillow holds the GIL), 5.0 s against 2.9 s from disk, where threads overlap the waits.
-IMAGE_CHECK_THREADS = 16
 
 
 def image_problem(image: str) -> str | None:
@@ -277,20 +256,6 @@ def image_problems(images: list[str]) -> list[str | None]:
         return [problem for chunk in found for problem in chunk]
 
 
-def read_json(path: str) -> list:
-    try:
-        with open(path, encoding="utf-8") as f:
-            annotations = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
-    if not isinstance(annotations, list):
-        got = type(annotations).__name__
-        raise DataError(f"{path}: expected a JSON list of entries, got {got}")
-    return annotations
-
-
 def cells(counts: tuple[int, ...]) -> str:
     return " / ".join(f"{n:,}" for n in counts)
 
@@ -303,7 +268,6 @@ def count_differences(counts: dict, published: dict) -> str:
 
 
 def field_problems(entry: object, image_field: str) -> list[str]:
-    """What is missing from an entry, or of the wrong type."""
     if not isinstance(entry, dict):
         return [f"expected an object, got {type(entry).__name__}"]
     problems = []
@@ -316,15 +280,11 @@ def field_problems(entry: object, image_field: str) -> list[str]:
 
 
 def read_annotations(name: str, root: str) -> Annotations:
-    """The valid entries of <root>/<name>/<annotation>, and a line per problem, in file order.
-
-    Every entry is checked, every caption tokenized and the header of every image read, so that
-    --check can report all problems at once and load_dataset can stop at the first before any
-    training (a corrupt test image would otherwise surface after the last epoch). A missing folder
-    or file and malformed JSON leave nothing else to check: they raise at once. CUHK-PEDES without
-    reid_raw.json is read from the archive's caption_all.json, each entry's split derived from its
-    id, but only if that gives the published counts: nothing else in the file tells the split.
-    """
+    """The valid entries of <root>/<name>/<annotation> and a line per problem, in file order:
+    every entry checked, every caption tokenized, every image's header read, so that --check reports
+    all at once and load_dataset stops before training, not at a test image after the last epoch.
+    CUHK-PEDES without reid_raw.json is read from the archive's caption_all.json, the splits by id,
+    but only if that gives the published counts: nothing else in the file tells the split."""
     info = DATASETS[name]
     folder = os.path.join(root, name)
     path = os.path.join(folder, info.annotation)
@@ -337,7 +297,16 @@ def read_annotations(name: str, root: str) -> Annotations:
         path = os.path.join(folder, CAPTION_ALL)
     elif not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found. {get_it}")
-    annotations = read_json(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            annotations = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")
+    if not isinstance(annotations, list):
+        got = type(annotations).__name__
+        raise DataError(f"{path}: expected a JSON list of entries, got {got}")
     if split_from_ids:
         split_ids, low = {}, 1  # as reid_raw.json has them: train 1..11,003, then val, then test
         for split, (ids, _, _) in PUBLISHED["CUHK-PEDES"].items():
@@ -405,14 +374,12 @@ def read_annotations(name: str, root: str) -> Annotations:
 def train_split(entries: list[Entry]) -> TrainSplit:
     # A real remap by sorted id: IRRA assumes CUHK-PEDES ids are 1..N and relies on set order.
     remap = {pid: k for k, pid in enumerate(sorted({e.pid for e in entries}))}
-    image_index, pids, captions = [], [], []
-    for k, e in enumerate(entries):
-        image_index += [k] * len(e.captions)
-        pids += [remap[e.pid]] * len(e.captions)
-        captions += e.captions
+    image_index = torch.tensor([k for k, e in enumerate(entries) for _ in e.captions])
+    pids = torch.tensor([remap[e.pid] for e in entries for _ in e.captions])
+    captions = [c for e in entries for c in e.captions]
     ids, num_truncated = caption_ids([t for e in entries for t in e.tokens])
-    return TrainSplit([e.image for e in entries], torch.tensor(image_index), torch.tensor(pids),
-                      captions, ids, num_truncated, num_identities=len(remap))
+    return TrainSplit([e.image for e in entries], image_index, pids, captions, ids, num_truncated,
+                      num_identities=len(remap))
 
 
 def eval_split(entries: list[Entry]) -> EvalSplit:
@@ -425,9 +392,8 @@ def eval_split(entries: list[Entry]) -> EvalSplit:
 
 
 def load_dataset(name: str, root: str) -> Dataset:
-    """Reads dataset `name` from <root>/<name>/ (a demo set is drawn there first if need be); every
-    problem stops it here. 40,000 images took 5-6 s on 2 busy CPU cores, and CUHK-PEDES's long
-    captions ~5 s more to tokenize."""
+    """Dataset `name` from <root>/<name>/, a demo set drawn there first if need be. 40,000 images
+    took 5-6 s on 2 busy CPU cores, and CUHK-PEDES's long captions ~5 s more to tokenize."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name in DEMO_SIZES:
@@ -466,8 +432,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ids = self.ids[i]  # [77]
-        if self.mask_captions:
-            # torch's RNG of the worker, seeded by the DataLoader's generator, as for augmentation
+        if self.mask_captions:  # by the worker's torch RNG, seeded as for augmentation
             ids = mask_caption_ids(ids[None])[0]
         try:
             image, cut_short = decode_image(self.split.image_paths[self.split.image_index[i]])
@@ -489,9 +454,6 @@ def check_batch(batch: dict) -> int:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files in the order given, each as (the test split's image [3, H, W], ""), or, for a
-    file that cannot be decoded, (zeros, the DataError's one line)."""
-
     def __init__(self, paths: list[str], image_size: tuple[int, int]):
         self.paths, self.image_size, self.transform = paths, image_size, build_transform(image_size)
 
@@ -511,22 +473,17 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def image_loader(paths: list[str], image_size: tuple[int, int], batch_size: int, workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
-    """Batches (images [B, 3, H, W], a tuple of B messages) of `paths` in order, at `image_size`
-    (H, W) by the test transform; a message is "" for a file read, else why not (that image is
-    zeros). Workers persist: train.py evaluates on val every few epochs."""
+    """Batches (images [B, 3, H, W], B messages) of `paths` in order, by the test transform; a
+    message is "" or why not read (its image zeros). Workers persist: val runs every few epochs."""
     return DataLoader(ImageFiles(paths, image_size), batch_size, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0)
-
-
-PREFETCH = 4  # batches each worker keeps ready; images are small, decoding is the bottleneck
 
 
 def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int, workers: int,
                  augment: bool = True, mask_captions: bool = False, seed: int = 0,
                  distributed: bool = False, pin_memory: bool = False) -> DataLoader:
-    """Shuffled batches of the (image, caption) pairs of `split` at `image_size` (H, W), the last
-    incomplete one dropped, each for check_batch; under DDP call sampler.set_epoch(e). pin_memory:
-    for a CUDA device (page-locked batches copy asynchronously)."""
+    """Shuffled batches of the pairs of `split`, the last incomplete one dropped, for check_batch;
+    under DDP call sampler.set_epoch(e). pin_memory: for a CUDA device (asynchronous copies)."""
     dataset = CaptionImageDataset(split, build_transform(image_size, train=augment), mask_captions)
     sampler, rank = None, 0
     if distributed:
@@ -534,11 +491,12 @@ def train_loader(split: TrainSplit, image_size: tuple[int, int], batch_size: int
         rank = torch.distributed.get_rank()
     # The generator orders the samples (without DDP) and seeds every worker's RNG: reproducible,
     # and per rank, so that ranks do not augment in lockstep. Workers start anew each epoch from
-    # the generator, which train.py reseeds per epoch: an epoch is the same after a resume.
+    # the generator, which train.py reseeds per epoch: an epoch is the same after a resume. Each
+    # worker keeps 4 batches ready: images are small, decoding is the bottleneck.
     generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(dataset, batch_size, shuffle=sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, drop_last=True,
-                      pin_memory=pin_memory, prefetch_factor=PREFETCH if workers > 0 else None)
+                      pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
 
 
 def eval_loaders(split: EvalSplit | TrainSplit, image_size: tuple[int, int], batch_size: int = 512,
@@ -553,17 +511,6 @@ def eval_loaders(split: EvalSplit | TrainSplit, image_size: tuple[int, int], bat
 # Checks: the counts against the published ones, what is odd, the --check command
 # ------------------------------------------------------------------------------------------------
 
-def count_table(counts: dict, published: dict) -> list[str]:
-    """The ids / images / captions found per split against the published ones, as table lines."""
-    lines = [f"{'split':<6}{'ids':>9}{'images':>9}{'captions':>10}   published"]
-    for split in SPLITS:
-        if split in counts or split in published:
-            ids, images, captions = counts.get(split, (0, 0, 0))
-            expected = cells(published[split]) if split in published else "-"
-            lines.append(f"{split:<6}{ids:>9,}{images:>9,}{captions:>10,}   {expected}")
-    return lines
-
-
 def missing_images(found: Annotations) -> str:
     """'images missing: 3 (Market/ 1, no such folder; cam_a/ 2)', per top-level folder of imgs/."""
     imgs = os.path.abspath(os.path.join(os.path.dirname(found.path), "imgs"))
@@ -575,9 +522,8 @@ def missing_images(found: Annotations) -> str:
 
 
 def verdict(name: str, found: Annotations) -> tuple[bool | None, str]:
-    """Whether the copy on disk is the published set (None: no published counts), and one line
-    saying so, or how it differs and the likely cause. A copy that differs still trains (a subset
-    may be on purpose), but its results cannot be compared with the papers'."""
+    """Whether the copy on disk is the published set (None: no published counts), and a line saying
+    so, or how it differs and the likely cause. A copy that differs trains: subsets are allowed."""
     if name not in PUBLISHED:
         return None, f"{name}: {DATASETS[name].source}; no published counts to compare with"
     published, counts = PUBLISHED[name], found.counts
@@ -597,14 +543,9 @@ def verdict(name: str, found: Annotations) -> tuple[bool | None, str]:
                    "It trains, but its results cannot be compared with the papers'")
 
 
-SHOWN = 3  # examples named per kind of oddity; the count says how many there are
-
-
 def oddities(name: str, entries: list[Entry]) -> list[str]:
-    """One line per split and kind of oddity that the authors' readers (IRRA's) take as they are,
-    and so do we, with its count and first examples: an image in several entries (each stays an
-    entry: a training image, or a gallery item and its queries), a caption with no words once
-    cleaned, gaps between the training ids."""
+    """A line per split and kind of oddity that IRRA's readers take as it is, and so do we, with its
+    count and first three examples; an image in several entries stays in each, as IRRA's does."""
     lines, kept = [], "each kept as IRRA's reader keeps it"
     for split in SPLITS:
         part = [e for e in entries if e.split == split]
@@ -625,12 +566,9 @@ def oddities(name: str, entries: list[Entry]) -> list[str]:
                  "reads them", empty),
                 (f"gaps between the ids, remapped to 0..{len(pids) - 1} in sorted order", gaps)]:
             if examples:
-                shown = "; ".join(examples[:SHOWN]) + ("; ..." if len(examples) > SHOWN else "")
+                shown = "; ".join(examples[:3]) + ("; ..." if len(examples) > 3 else "")
                 lines.append(f"{name} {split}: {kind}: {len(examples):,} ({shown})")
     return lines
-
-
-PROGRESS_EVERY = 5000  # images between progress lines of --check
 
 
 def check(name: str, root: str) -> int:
@@ -652,12 +590,18 @@ def check(name: str, root: str) -> int:
                                  "and TBPS-CLIP's pipelines do")
         except DataError as error:
             problems.append(f"{found.path}: entry {entry.index}: {error}")
-        if n % PROGRESS_EVERY == 0:
+        if n % 5000 == 0:
             print(f"decoded {n:,} of {len(found.entries):,} images", file=sys.stderr)
     cut = {split: sum(len(tokens) > WORDS for e in found.entries if e.split == split
                       for tokens in e.tokens) for split in found.counts}
+    published = PUBLISHED.get(name, {})
     print(f"{name} under {root}, the entries with every field right:")
-    print(*count_table(found.counts, PUBLISHED.get(name, {})), sep="\n")
+    print(f"{'split':<6}{'ids':>9}{'images':>9}{'captions':>10}   published")
+    for split in SPLITS:
+        if split in found.counts or split in published:
+            ids, images, captions = found.counts.get(split, (0, 0, 0))
+            expected = cells(published[split]) if split in published else "-"
+            print(f"{split:<6}{ids:>9,}{images:>9,}{captions:>10,}   {expected}")
     print(f"captions cut to {clip_min.CONTEXT_LENGTH} tokens: "
           + ", ".join(f"{split} {n:,}" for split, n in cut.items()))
     for line in [*found.notes, *oddities(name, found.entries), *cut_short, *problems]:
@@ -693,9 +637,8 @@ def number(kind: type, minimum: float | None = None, above: float | None = None,
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser for the three scripts: a bad flag is one line (exit 2), without the usage
-    block; --help gives each flag's default (ArgumentDefaultsHelpFormatter). A flag whose text says
-    its default in words has default=SUPPRESS (not shown), its value from a set_defaults before."""
+    """The three scripts' parser: a bad flag is one line (exit 2) without the usage block; --help
+    gives each default, but not default=SUPPRESS (set_defaults gives it, the text says it)."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
@@ -774,8 +717,7 @@ HAIR_COLOURS = {"black": (30, 30, 30), "brown": (115, 70, 35), "grey": (128, 128
                 "blond": (225, 195, 115)}
 HELD_OUT = {"purple", "orange", "checked"}  # never in demo-pretrain
 SKIN_TONES = ((240, 205, 180), (215, 170, 135), (170, 120, 90), (110, 75, 55))
-# Each domain: whether HELD_OUT values occur, at most `clutter` boxes in a scene, a lighting factor
-# from `brightness`, sensor noise of std `noise` (0..255 steps), and its captions: who wears what,
+# Each domain: its scenes (boxes, a light factor, noise std on 0..255) and captions: who wears what,
 # then hair, shoes and bag in random order, each left out 30 % of the time as annotators do. The
 # corpus reads like alt text of many openings and orders (a description may start anywhere, as after
 # CSKT's 8 prompts; a colour may follow its noun); demo like the sentences of CUHK-PEDES. Demo's
@@ -858,8 +800,7 @@ def demo_caption(p: dict, words: dict, rng: random.Random) -> str:
               if key != "none" and rng.random() >= 0.3]
     rng.shuffle(extras)
     main = rng.choice(words["main"]).format(upper=upper, lower=lower, **fill)
-    text = words["join"].join([main, *extras])
-    text = rng.choice(words["prefix"]) + text
+    text = rng.choice(words["prefix"]) + words["join"].join([main, *extras])
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)  # "an orange"
 
 
@@ -882,7 +823,7 @@ def draw_person(p: dict, domain: dict, rng: random.Random,
     halves = (12.5, 11) if p["gender"] == "man" else (10.5, 9.5)
     shoulder, waist = (w * p["build"] for w in halves)  # half widths
     spread, swing = rng.uniform(0, 6), rng.uniform(-3, 3)
-    arm, leg = max(1, round(5 * u)), max(1, round(6.5 * u))
+    arm, leg = round(5 * u), round(6.5 * u)
     skin, hair, shirt = tint(p["skin"]), tint(HAIR_COLOURS[p["hair"]]), tint(COLOURS[p["top"]])
     bottom, shoes, bag = (tint(COLOURS.get(p[key], (0, 0, 0)))
                           for key in ("bottom", "shoes", "bag_colour"))
@@ -912,7 +853,7 @@ def draw_person(p: dict, domain: dict, rng: random.Random,
     draw.polygon(corners, fill=bottom)
     draw.polygon([at(-shoulder, 15), at(shoulder, 15), at(waist, 50), at(-waist, 50)], fill=shirt)
     ink = (40,) * 3 if sum(shirt) > 330 else (220,) * 3  # the pattern: dark on light, light on dark
-    inner, pen = min(shoulder, waist), max(1, round(1.5 * u))
+    inner, pen = min(shoulder, waist), round(1.5 * u)
     for k in np.arange(2.5, 35, 5):  # stripes and checks, 5 units apart
         if p["pattern"] in ("striped", "checked"):
             draw.line((*at(-inner, 15 + k), *at(inner, 15 + k)), fill=ink, width=pen)
@@ -932,25 +873,21 @@ def draw_person(p: dict, domain: dict, rng: random.Random,
 
 def make_demo(name: str, root: str, size: DemoSize | None = None) -> str:
     """Draws demo set `name` into <root>/<name>/ unless it is there already; returns the folder. A
-    stamp hashes DEMO_VERSION and the sizes (demo's people avoid demo-pretrain's); a set is drawn in
-    a temporary folder, renamed at the end, so that none is ever half drawn."""
+    stamp hashes DEMO_VERSION and the sizes (demo's people avoid demo-pretrain's). A set is drawn in
+    a folder of its own beside it (tempfile makes the name unique, even across machines that share
+    the file system) and renamed into place once complete: none is ever half drawn."""
     size, folder, domain = size or DEMO_SIZES[name], os.path.join(root, name), DEMO_DOMAINS[name]
     made_from = (DEMO_VERSION, size, DEMO_SIZES["demo-pretrain"])
     stamp = hashlib.sha256(repr(made_from).encode()).hexdigest()
-    stamp_path = os.path.join(folder, "generated-by-data.py")
+    stamp_file = Path(folder, "generated-by-data.py")
 
     def found_stamp() -> str | None:
-        if os.path.isfile(stamp_path):
-            with open(stamp_path) as f:
-                return f.read()
-        return None
+        return stamp_file.read_text() if stamp_file.is_file() else None
     if found_stamp() == stamp:
         return folder
     if os.path.exists(folder) and found_stamp() is None:
         raise DataError(f"{folder}: exists but was not drawn by data.py; move it away to draw "
                         f"{name} there")
-    # Drawn in a folder of its own beside the set's (tempfile makes its name unique, even across
-    # machines that share the file system), renamed into place once complete.
     os.makedirs(root, exist_ok=True)
     start, work = time.time(), tempfile.mkdtemp(dir=root, prefix=f"{name}.", suffix=".tmp")
     rng, noise = random.Random(f"{size.seed}:images"), np.random.default_rng(size.seed)
@@ -965,11 +902,9 @@ def make_demo(name: str, root: str, size: DemoSize | None = None) -> str:
             picture.save(os.path.join(work, "imgs", path), **JPEG)
             captions = [demo_caption(person, domain, rng) for _ in range(size.captions_per_image)]
             entries.append({"split": split, "id": pid, "file_path": path, "captions": captions})
-    with open(os.path.join(work, DATASETS[name].annotation), "w") as f:
-        json.dump(entries, f, indent=1)
-    with open(os.path.join(work, "generated-by-data.py"), "w") as f:
-        f.write(stamp)
-    if found_stamp() == stamp:  # another process (a DDP rank) drew the same set meanwhile
+    Path(work, DATASETS[name].annotation).write_text(json.dumps(entries, indent=1))
+    Path(work, stamp_file.name).write_text(stamp)
+    if found_stamp() == stamp:  # another process drew the same set meanwhile
         shutil.rmtree(work)
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # an older drawing (it carries a stamp)
