@@ -1,12 +1,6 @@
 """Evaluation for text-based person retrieval: the metrics, features and tables that train.py and
 this script report, trained models read back, and this script's command line.
 
-    python evaluate.py --checkpoint runs/cuhk-cskt/best.pt                 # the test split's table
-    python evaluate.py --checkpoint runs/s{1,2,3}/best.pt --direction both # runs: mean ± std
-    python evaluate.py --method clip --clip ViT-B/16 --data CUHK-PEDES      # frozen CLIP, zero-shot
-    python evaluate.py --checkpoint best.pt --gallery ~/photos --query "a man in a blue jacket"
-    python evaluate.py --checkpoint dm/best.pt --routing                   # DM-Adapter's experts
-
 The metrics are IRRA's (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for
 Text-to-Image Person Retrieval", CVPR 2023, arXiv 2303.12501). Each query ranks the whole gallery
 by descending similarity. If query q has n relevant items (same identity) at 0-based ranks
@@ -142,8 +136,7 @@ def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor,
 
 
 def directional_metrics(similarity: torch.Tensor, caption_pids: torch.Tensor,
-                        image_pids: torch.Tensor, direction: str = "t2i",
-                        chunk_size: int = 1024) -> dict:
+                        image_pids: torch.Tensor, direction="t2i", chunk_size=1024) -> dict:
     """The metrics of the caption-by-image similarity [Q, G]: "t2i", each caption ranks the
     images; "i2t", each image ranks the captions (the transposed view, no copy)."""
     if direction == "t2i":
@@ -161,8 +154,8 @@ def chance_metrics(split: data.EvalSplit, seed: int = 0, direction: str = "t2i")
 
 
 def mean_and_std(runs: list[dict]) -> dict:
-    """Several runs' metrics -> {name: (mean, sample std)} and "num_runs". The std divides by
-    n - 1 (the runs are a sample of the seeds one could try), so it needs two runs at least."""
+    """Several runs' metrics -> {name: (mean, sample std)} and "num_runs"; the std divides by n - 1
+    (the runs are a sample of the seeds one could try)."""
     if len(runs) < 2:
         raise ValueError(f"a mean and standard deviation need at least 2 runs, got {len(runs)}")
     values = torch.tensor([[run[name] for name in METRIC_NAMES] for run in runs],
@@ -181,8 +174,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # ->
 
 def pick_device(name: str, local_rank: int = 0, local_processes: int = 1) -> torch.device:
     """--device -> a torch device. "auto": this process's GPU, else Apple's, else the CPU. A GPU
-    without an index is this process's (torchrun's LOCAL_RANK of LOCAL_WORLD_SIZE). A device that
-    is not there, or one GPU for several processes, is a ValueError saying so."""
+    without an index is this process's (torchrun's LOCAL_RANK of LOCAL_WORLD_SIZE)."""
     if name == "auto":
         name = "mps" if torch.backends.mps.is_available() else "cpu"
         name = "cuda" if torch.cuda.is_available() else name
@@ -254,8 +246,7 @@ def readable_images(loader: Iterable, messages: list | None = None) -> Iterable[
 
 def encode(encode_batch: Callable, batches: Iterable, device: torch.device,
            amp_dtype: torch.dtype | None, name: str, log_every: int = 50) -> torch.Tensor:
-    """L2-normalised fp32 features [N, E] of every batch, with a progress line every
-    `log_every` batches."""
+    """L2-normalised fp32 features [N, E] of the batches; progress every `log_every` batches."""
     features = []
     with torch.no_grad(), autocast(device, amp_dtype):
         for number, batch in enumerate(batches, 1):
@@ -267,11 +258,9 @@ def encode(encode_batch: Callable, batches: Iterable, device: torch.device,
     return torch.cat(features)
 
 
-def extract_features(model: nn.Module, image_loader: Iterable, caption_loader: Iterable,
-                     device: torch.device | str, amp_dtype: torch.dtype | None = None,
-                     log_every: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image features [G, E], caption features [Q, E]) of a split, from data.eval_loaders, the
-    model's train/eval mode restored."""
+def extract_features(model: nn.Module, image_loader: Iterable, caption_loader: Iterable, device,
+                     amp_dtype=None, log_every=50) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features [G, E], caption features [Q, E]) of a split's data.eval_loaders."""
     device, was_training = torch.device(device), model.training
     model.eval()
     images = encode(model.encode_image, readable_images(image_loader), device, amp_dtype,
@@ -281,8 +270,7 @@ def extract_features(model: nn.Module, image_loader: Iterable, caption_loader: I
     return images, captions
 
 
-def encode_queries(model: nn.Module, queries: list[str], device: torch.device | str,
-                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def encode_queries(model: nn.Module, queries: list[str], device, amp_dtype=None) -> torch.Tensor:
     """Features [Q, E] of free-text queries; one longer than the 77 positions is cut, and said."""
     for query in queries:
         if len(clip_min.default_tokenizer().encode(query)) + 2 > clip_min.CONTEXT_LENGTH:
@@ -292,13 +280,12 @@ def encode_queries(model: nn.Module, queries: list[str], device: torch.device | 
     return encode(model.encode_text, [ids], torch.device(device), amp_dtype, "queries")
 
 
-def evaluate_loaders(model: nn.Module, loaders: tuple, split: data.EvalSplit,
-                     device: torch.device | str, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate_loaders(model: nn.Module, loaders: tuple, split: data.EvalSplit, device,
+                     amp_dtype=None) -> dict:
     """Text-to-image metrics of `model` on a split, from its data.eval_loaders (train.py makes
     them once and evaluates every few epochs)."""
-    image_features, caption_features = extract_features(model, *loaders, device, amp_dtype)
-    similarity = caption_features @ image_features.T  # [Q, G]
-    return retrieval_metrics(similarity, split.caption_pids, split.image_pids)
+    images, captions = extract_features(model, *loaders, device, amp_dtype)
+    return retrieval_metrics(captions @ images.T, split.caption_pids, split.image_pids)  # [Q, G]
 
 
 def format_metrics(metrics: dict) -> str:
@@ -309,8 +296,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """{row name: metrics} -> a Markdown table in percent; a (mean, std) value (`mean_and_std`)
-    shows as "mean ± std"."""
+    """{row name: metrics} -> a Markdown table; a (mean, std) of mean_and_std shows "mean ± std"."""
     def cell(value) -> str:
         return f"{value[0]:.2f} ± {value[1]:.2f}" if isinstance(value, tuple) else f"{value:6.2f}"
     table = [["", *(f"{name:>6}" for name in METRIC_NAMES)],
@@ -338,8 +324,7 @@ class CheckpointError(Exception):
 
 
 def build_method(method: str, clip_model: clip_min.CLIP, method_args: dict) -> nn.Module:
-    """The model of `method` around `clip_model`: "cskt", "dm_adapter", "finetune" (every CLIP
-    weight trains) or "clip" (frozen CLIP, zero-shot)."""
+    """The model of `method` around `clip_model`; "finetune" trains every CLIP weight."""
     if method == "cskt":
         return cskt.CSKT(clip_model, **method_args)
     if method == "dm_adapter":
@@ -354,9 +339,8 @@ def build_method(method: str, clip_model: clip_min.CLIP, method_args: dict) -> n
 
 
 def is_trained(name: str) -> bool:
-    """What a method trains, by a weight's name: all but the frozen backbone (for a fine-tuned
-    CLIP, all of it). The one definition: checkpoints save these, and the methods leave exactly
-    these with requires_grad (the tests hold them to it)."""
+    """What a method trains, by a weight's name: all but the frozen backbone (all of a fine-tuned
+    CLIP). The one definition: checkpoints save these, and the methods train exactly these."""
     return not name.startswith(BACKBONE_PREFIX)
 
 
@@ -406,28 +390,24 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
 
 
 def selected_on(checkpoint: dict) -> str:
-    """What train.py chose this checkpoint on: the val R1 of its epoch, or the last epoch where
-    the dataset has no val split; "nothing" for a last.pt that is not the best epoch."""
+    """What train.py chose this checkpoint on, in words (a last.pt may be no choice at all)."""
     if "epoch" not in checkpoint:
         return "unknown: the checkpoint records no epoch"
-    epoch, best = checkpoint["epoch"], checkpoint.get("best", {})
-    epochs = checkpoint["args"].get("epochs")
-    this_epoch = f"epoch {epoch + 1}" + (f" of {epochs}" if epochs else "")
-    best_epoch, best_r1 = best.get("epoch", -1), best.get("R1", -1.0)
-    if math.isnan(best_r1):  # train.py's mark for a dataset without a val split
+    epoch, best = checkpoint["epoch"], checkpoint["best"]
+    this_epoch = f"epoch {epoch + 1} of {checkpoint['args']['epochs']}"
+    if math.isnan(best["R1"]):  # train.py's mark for a dataset without a val split
         return f"the last epoch ({this_epoch}): {checkpoint['data']} has no val split"
-    if best_epoch == epoch:
-        return f"val R1 {best_r1:.2f} at {this_epoch}"
-    if best_epoch < 0:
+    if best["epoch"] == epoch:
+        return f"val R1 {best['R1']:.2f} at {this_epoch}"
+    if best["epoch"] < 0:
         return f"nothing: {this_epoch}, saved before any val evaluation"
-    return (f"nothing: {this_epoch}, the last saved (val's best was R1 {best_r1:.2f} at epoch "
-            f"{best_epoch + 1})")
+    return (f"nothing: {this_epoch}, the last saved (val's best was R1 {best['R1']:.2f} at epoch "
+            f"{best['epoch'] + 1})")
 
 
 def selection_record(checkpoint: dict) -> dict:
-    """What test_metrics.json and the table say of a checkpoint: "selected_on" and, where the run
-    recorded one, "dataset_check" (another copy than the published set gives numbers that do not
-    compare with the papers')."""
+    """What the reports say of a checkpoint: "selected_on" and, where the run recorded one,
+    "dataset_check" (another copy than the published set gives numbers unlike the papers')."""
     record = {"selected_on": selected_on(checkpoint)}
     if checkpoint.get("dataset_check") is not None:
         record["dataset_check"] = checkpoint["dataset_check"]
@@ -499,29 +479,21 @@ def text_block(text: str, width: int, font: ImageFont.ImageFont) -> Image.Image:
     return block
 
 
-def as_rgb_image(image: str | Image.Image | torch.Tensor) -> Image.Image:
-    """A file path, a PIL image or a float tensor [3, H, W] in [0, 1] -> an RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        return to_pil_image(image.detach().float().clamp(0, 1).cpu())
-    return data.decode_image(str(image))[0]
-
-
 def save_retrieval_grid(path: str, query: str, images: list, scores: list[float],
-                        correct: list[bool] | None = None, cell_size: tuple[int, int] = (192, 64),
-                        columns: int = 10) -> None:
-    """A PNG: the query on top, then the retrieved images in rank order, `columns` to a row, each
-    with its score under it and, where `correct` is given, framed green (the right identity) or
-    red (a wrong one). Images (paths, PIL images or [3, H, W] tensors in [0, 1]) are fitted into
-    `cell_size` (H, W), 3:1 like the 384x128 person crops."""
-    if len(scores) != len(images) or (correct is not None and len(correct) != len(images)):
-        raise ValueError(f"{len(images)} images need as many scores and correct flags")
+                        correct: list[bool] | None = None, cell_size=(192, 64), columns=10) -> None:
+    """A PNG: the query on top, then the images in rank order, `columns` to a row, each with its
+    score and, where `correct` is given, a green (right identity) or red frame. Images: paths, PIL
+    images or [3, H, W] tensors in [0, 1], fitted into `cell_size` (H, W), 3:1 like person crops."""
     height, width = cell_size
-    font, cells = picture_font(), []
+    font = picture_font()
+    cells = []
     for index, (image, score) in enumerate(zip(images, scores)):
+        if isinstance(image, torch.Tensor):
+            image = to_pil_image(image.detach().float().clamp(0, 1).cpu())
+        elif not isinstance(image, Image.Image):
+            image = data.decode_image(str(image))[0]
         cell = Image.new("RGB", (width, height + FONT_SIZE + 4), "white")  # the image, its score
-        cell.paste(ImageOps.pad(as_rgb_image(image), (width, height), color="white"))
+        cell.paste(ImageOps.pad(image.convert("RGB"), (width, height), color="white"))
         ImageDraw.Draw(cell).text((width / 2, height + 2), f"{score:.3f}", fill="black",
                                   font=font, anchor="ma")
         cell = pil_to_tensor(cell)  # [3, H', W] uint8
@@ -532,17 +504,13 @@ def save_retrieval_grid(path: str, query: str, images: list, scores: list[float]
         cells.append(cell)
     grid = make_grid(cells, nrow=columns, padding=GRID_PADDING, pad_value=255)  # [3, H'', W'']
     header = text_block(query, max(grid.shape[2], GRID_MIN_WIDTH), font)
-    canvas = Image.new("RGB", (header.width, header.height + grid.shape[1]), "white")
-    canvas.paste(header)
-    canvas.paste(to_pil_image(grid), (0, header.height))
-    canvas.save(path, format="PNG")
+    grid = F.pad(grid, (0, header.width - grid.shape[2]), value=255)  # white to the text's width
+    to_pil_image(torch.cat([pil_to_tensor(header), grid], dim=1)).save(path, format="PNG")
 
 
-def draw_rankings(out: str, names: list[str], texts: list[str], similarity: torch.Tensor,
-                  split: data.EvalSplit, topk: int, truth: torch.Tensor | None = None) -> None:
-    """For each row of similarity [N, G] (a query or a caption of the split against its images),
-    <out>/<name>: its text and best `topk` images, framed by identity where `truth` (the
-    identities [N] of the rows) is given."""
+def draw_rankings(out, names, texts, similarity, split, topk, truth=None) -> None:
+    """<out>/<name> for each row of similarity [N, G] against the split's images: its text and best
+    `topk` images, framed where `truth` (the rows' identities [N]) is given."""
     os.makedirs(out, exist_ok=True)
     scores, best = similarity.topk(min(topk, len(split.image_paths)), dim=1)  # [N, k]
     for row, (name, text) in enumerate(zip(names, texts)):
@@ -574,13 +542,11 @@ def file_stamp(path: str) -> tuple[int, int, int]:
     return (status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
-def model_identity(checkpoint: str | None, clip: str, image_size: tuple[int, int],
-                   stride: int) -> dict:
+def model_identity(checkpoint: str | None, clip: str, image_size, stride: int) -> dict:
     """What the gallery features depend on: the checkpoint (by path and stamp: retrained in place,
     it is another model), or zero-shot CLIP's release or file, with the input size and stride."""
     source = checkpoint or clip
-    identity = {"format": 2, "source": source, "image_size": [int(s) for s in image_size],
-                "stride": stride}
+    identity = {"format": 2, "source": source, "image_size": list(image_size), "stride": stride}
     if os.path.isfile(source):  # a release name is hash-checked when loaded
         identity.update(source=os.path.abspath(source), stamp=list(file_stamp(source)))
     return identity
@@ -605,10 +571,10 @@ def gallery_files(folder: str) -> tuple[dict, list[str], int]:
     return dict(sorted(files.items())), problems, others
 
 
-def gallery_features(args: argparse.Namespace, model: nn.Module, files: dict, identity: dict,
-                     amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, list[str], int]:
+def gallery_features(args, model, files: dict, amp_dtype) -> tuple[torch.Tensor, list[str], int]:
     """(features [N, E] and messages [N] of `files` in their order, how many were encoded now):
     what --out's cache holds for this model and these stamps, the rest encoded and cached."""
+    identity = model_identity(args.checkpoint, args.clip, args.image_size, args.stride)
     cache_path = os.path.join(args.out, GALLERY_CACHE_FILE)
     cached = {}  # (path, stamp) -> (feature, message)
     if os.path.isfile(cache_path):
@@ -618,7 +584,7 @@ def gallery_features(args: argparse.Namespace, model: nn.Module, files: dict, id
                 cached = dict(zip(cache["files"], zip(cache["features"], cache["messages"])))
         except Exception as error:  # unpickling fails in many ways; a cache is only a cache
             print(f"  ignoring the damaged gallery cache {cache_path} ({error})", file=sys.stderr)
-    keys = [(path, stamp) for path, stamp in files.items()]
+    keys = list(files.items())
     new = [key for key in keys if key not in cached]
     if new:
         loader = data.image_loader([path for path, _ in new], args.image_size, args.batch_size,
@@ -636,16 +602,15 @@ def gallery_features(args: argparse.Namespace, model: nn.Module, files: dict, id
     return features, messages, len(new)
 
 
-def search_folder_main(args: argparse.Namespace, model: nn.Module) -> int:
+def search_folder_main(args: argparse.Namespace, model: nn.Module, amp_dtype) -> int:
     """--gallery DIR --query TEXT [...]: rank the folder's images for each query, print the best
     --topk with their scores and draw them (<out>/search.png, or search_N.png)."""
-    start, amp_dtype = time.perf_counter(), autocast_dtype(args.precision, args.device)
+    start = time.perf_counter()
     if not os.path.isdir(args.gallery):
         raise data.DataError(f"--gallery: no such folder: {args.gallery}")
     files, problems, others = gallery_files(args.gallery)
     os.makedirs(args.out, exist_ok=True)
-    identity = model_identity(args.checkpoint, args.clip, args.image_size, args.stride)
-    features, messages, decoded = gallery_features(args, model, files, identity, amp_dtype)
+    features, messages, decoded = gallery_features(args, model, files, amp_dtype)
     readable = [row for row, message in enumerate(messages) if not message]
     unreadable = problems + [message for message in messages if message]
     print(f"{args.gallery}: {len(files):,} image files, {len(files) - decoded:,} from the cache "
@@ -664,7 +629,7 @@ def search_folder_main(args: argparse.Namespace, model: nn.Module) -> int:
         os.remove(listing)  # a list from an earlier search would now be wrong
     if not readable:
         raise data.DataError(f"--gallery: no readable image under {args.gallery}")
-    paths = [list(files)[row] for row in readable]
+    paths = [path for path, message in zip(files, messages) if not message]
     queries = encode_queries(model, args.query, args.device, amp_dtype).cpu()  # [Q, E]
     scores, best = (queries @ features[readable].T).topk(min(args.topk, len(readable)))  # [Q, k]
     for number, query in enumerate(args.query):
@@ -695,8 +660,7 @@ ROUTING_MAX_WIDTH = 1000  # pixels: README shows the picture about 900 wide
 ROUTING_TOKENS_SHOWN = 40  # the caption's first tokens drawn, a row each
 
 
-def routed_experts(model: dm_adapter.DMAdapter, tower: str, batches: Iterable,
-                   device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def routed_experts(model: dm_adapter.DMAdapter, tower: str, batches: Iterable, device):
     """(batch, experts [blocks, T, k]) for each batch of images [B, 3, H, W] or ids [B, L],
     T = B * L: the top-k of each router's logits [T, E], best first."""
     mixtures = model.vision_adapters if tower == "image" else model.text_adapters
@@ -718,10 +682,8 @@ def routed_experts(model: dm_adapter.DMAdapter, tower: str, batches: Iterable,
             hook.remove()
 
 
-def routing_shares(model: dm_adapter.DMAdapter, split: data.EvalSplit,
-                   image_size: tuple[int, int], device: torch.device | str,
-                   amp_dtype: torch.dtype | None = None, batch_size: int = 256, workers: int = 0,
-                   include_padding: bool = False) -> dict[str, torch.Tensor]:
+def routing_shares(model: dm_adapter.DMAdapter, split: data.EvalSplit, image_size, device,
+                   amp_dtype=None, batch_size=256, workers=0, include_padding=False) -> dict:
     """{"image": [blocks, E], "text": [blocks, E]}: the percent of each block's top-k picks that
     went to each expert over the split's images and captions (each row sums to 100)."""
     device = torch.device(device)
@@ -738,12 +700,11 @@ def routing_shares(model: dm_adapter.DMAdapter, split: data.EvalSplit,
                     words = positions <= batch.argmax(-1, keepdim=True)  # [B, L]
                     chosen = chosen * words.reshape(1, -1, 1)
                 counts = counts + chosen.sum(dim=1)  # [blocks, E]
-        shares[tower] = 100 * counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        shares[tower] = 100 * counts.double() / counts.sum(dim=1, keepdim=True)
     return shares
 
 
-def caption_routing(model: dm_adapter.DMAdapter, caption: str, device: torch.device | str,
-                    amp_dtype: torch.dtype | None = None) -> tuple[list[str], torch.Tensor]:
+def caption_routing(model: dm_adapter.DMAdapter, caption: str, device, amp_dtype=None) -> tuple:
     """(token labels [n], experts [blocks, n, k]): the top-k experts that each token of `caption`,
     SOT to EOT, picks at each text block, the one with the larger weight first."""
     ids = clip_min.tokenize(caption, truncate=True)  # [1, L]
@@ -762,8 +723,7 @@ def share_colour(share: float, even: float) -> tuple[int, int, int]:
     return tuple(round(255 + (channel - 255) * abs(t)) for channel in target)
 
 
-def draw_table(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, x: float, y: float,
-               table: tuple) -> float:
+def draw_table(draw: ImageDraw.ImageDraw, font, x: float, y: float, table: tuple) -> float:
     """A table at (x, y): (its name, the columns' names, a name per row, the rows of cells, a
     cell's width), a cell a list of (colour, text) stripes side by side. Returns its width."""
     name, column_names, row_names, cells, cell = table
@@ -787,11 +747,8 @@ def draw_table(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, x: float, y
     return left - x + len(column_names) * cell
 
 
-def save_routing_picture(path: str, shares: dict[str, torch.Tensor], caption: str,
-                         labels: list[str], experts: torch.Tensor, title: str) -> None:
-    """The PNG: title and legend; the towers' heatmaps side by side (a row per block, a column per
-    expert, the percent of the block's picks); under them the caption, a row per token (the first
-    40), a column per text block, each cell the top-k experts it picks, the larger weight left."""
+def save_routing_picture(path, shares, caption, labels, experts, title) -> None:
+    """The PNG: title and legend; the towers' heatmaps side by side; the caption's picks below."""
     num_experts, num_blocks, top_k = shares["image"].shape[1], experts.shape[0], experts.shape[2]
     even, shown, font = 100 / num_experts, labels[:ROUTING_TOKENS_SHOWN], picture_font()
     row, margin, gap = FONT_SIZE + 10, 16, 24
@@ -825,25 +782,22 @@ def save_routing_picture(path: str, shares: dict[str, torch.Tensor], caption: st
     picture.save(path, format="PNG")
 
 
-def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSplit,
-                 amp_dtype: torch.dtype | None, split_name: str) -> int:
-    """--routing: draw a DM-Adapter checkpoint's routing on the evaluated split."""
+def routing_main(args: argparse.Namespace, model: nn.Module, split, amp_dtype) -> int:
     if not isinstance(model, dm_adapter.DMAdapter):
         raise CheckpointError("--routing draws DM-Adapter's routers: it needs a checkpoint of "
                               "method dm_adapter")
     shares = routing_shares(model, split, args.image_size, args.device, amp_dtype,
                             args.batch_size, args.workers)
-    labels, experts = caption_routing(model, args.routing_caption or split.captions[0],
-                                      args.device, amp_dtype)
+    caption = args.routing_caption or split.captions[0]
+    labels, experts = caption_routing(model, caption, args.device, amp_dtype)
     # The checkpoint's file name, not its path: the picture is made to be shown, and a path tells
     # of the machine it was made on.
-    title = (f"DM-Adapter routing of {os.path.basename(args.checkpoint)} on {split_name}: "
-             f"{len(split.image_paths):,} images, {len(split.captions):,} captions "
+    title = (f"DM-Adapter routing of {os.path.basename(args.checkpoint)} on {args.data} "
+             f"{args.split}: {len(split.image_paths):,} images, {len(split.captions):,} captions "
              "(text padding not counted)")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "routing.png")
-    save_routing_picture(path, shares, args.routing_caption or split.captions[0], labels,
-                         experts, title)
+    save_routing_picture(path, shares, caption, labels, experts, title)
     for tower, tower_shares in shares.items():
         print(f"{tower} tower: each expert gets {float(tower_shares.min()):.1f} to "
               f"{float(tower_shares.max()):.1f} % of a block's picks "
@@ -856,8 +810,8 @@ def routing_main(args: argparse.Namespace, model: nn.Module, split: data.EvalSpl
 # The command line: flags and main
 # ------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    # A flag without a default shows none in --help (SUPPRESS); parse_args gives it None.
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # A flag without a default shows none in --help (SUPPRESS); it is None unless given.
     parser = data.ArgumentParser(
         description="Evaluate a trained checkpoint, or frozen CLIP zero-shot, on a dataset split; "
         "draw what was retrieved.", argument_default=argparse.SUPPRESS)
@@ -899,24 +853,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(<out>/routing.png) instead of evaluating it")
     add("--routing-caption", metavar="TEXT",
         help="the caption whose per-token picks are drawn [the split's first]")
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
     unset = dict.fromkeys(["checkpoints", "method", "image_size", "stride", "data", "query",
                            "gallery", "routing_caption"])
     args = argparse.Namespace(**{**unset, **vars(parser.parse_args(argv))})
-    if len(args.checkpoints or []) > 1 and (args.query or args.save_examples or args.gallery
-                                             or args.routing):
+    checkpoints = args.checkpoints or []
+    if len(checkpoints) > 1 and (args.query or args.save_examples or args.gallery or args.routing):
         parser.error("argument --checkpoint: --query, --save-examples, --gallery and --routing "
                      "work on one checkpoint; several are for a table of runs")
-    files = [os.path.realpath(path) for path in args.checkpoints or []]
-    twice = [path for path, file in zip(args.checkpoints or [], files) if files.count(file) > 1]
+    files = [os.path.realpath(path) for path in checkpoints]
+    twice = [path for path, file in zip(checkpoints, files) if files.count(file) > 1]
     if twice:
         parser.error(f"argument --checkpoint: {twice[0]} is given twice; a mean over runs counts "
                      "each run once")
-    if args.checkpoints and (args.image_size or args.stride):
+    if checkpoints and (args.image_size or args.stride):
         parser.error("argument --image-size/--stride: a checkpoint is evaluated at the size and "
                      "stride it was trained with; these flags go with --method clip")
     if args.method == "clip" and args.data is None and not args.gallery:
@@ -932,7 +881,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.query or args.save_examples or args.routing:
         data.check_output_folder(parser, "--out", args.out)
     # The one checkpoint that pictures, folder search and routing read (None: zero-shot CLIP).
-    args.checkpoint = args.checkpoints[0] if args.checkpoints else None
+    args.checkpoint = checkpoints[0] if checkpoints else None
     args.directions = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     return args
 
@@ -958,13 +907,13 @@ def main(argv: list[str] | None = None) -> int:
             runs, names = {args.clip: None}, {args.clip: f"{args.clip} zero-shot"}
             models = iter([build_method("clip", clip_model, {})])
         if args.gallery:
-            return search_folder_main(args, next(models))
+            return search_folder_main(args, next(models), amp_dtype)
         dataset = data.load_dataset(args.data, args.root)
         split = dataset.val if args.split == "val" else dataset.test
         if split is None:
             raise data.DataError(f"{args.data} has no val split")
         if args.routing:
-            return routing_main(args, next(models), split, amp_dtype, f"{args.data} {args.split}")
+            return routing_main(args, next(models), split, amp_dtype)
         loaders = data.eval_loaders(split, args.image_size, args.batch_size, args.workers,
                                     args.device.type == "cuda")
         tables = {direction: {} for direction in args.directions}  # {direction: {row: metrics}}
@@ -977,12 +926,13 @@ def main(argv: list[str] | None = None) -> int:
         print_tables(args, dataset, split, tables, runs)
         if args.query:
             queries = encode_queries(model, args.query, args.device, amp_dtype)  # [Q, E]
-            picture_names = ["query.png"] if len(args.query) == 1 else \
-                [f"query_{number}.png" for number in range(1, len(args.query) + 1)]
+            picture_names = ["query.png"]
+            if len(args.query) > 1:
+                picture_names = [f"query_{number}.png" for number in range(1, len(args.query) + 1)]
             draw_rankings(args.out, picture_names, args.query, queries @ images.T, split, args.topk)
         if args.save_examples:  # spread evenly over the split: a fair sample, not the easiest
-            rows = torch.from_numpy(np.linspace(0, len(split.captions) - 1, args.save_examples)
-                                    .astype(int))
+            spread = np.linspace(0, len(split.captions) - 1, args.save_examples).astype(int)
+            rows = torch.from_numpy(spread)
             draw_rankings(args.out, [f"example_{n:02d}.png" for n in range(len(rows))],
                           [split.captions[row] for row in rows], similarity[rows], split,
                           args.topk, split.caption_pids[rows])
@@ -992,8 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_tables(args: argparse.Namespace, dataset: data.Dataset, split: data.EvalSplit,
-                 tables: dict, runs: dict) -> None:
+def print_tables(args, dataset: data.Dataset, split: data.EvalSplit, tables, runs) -> None:
     """The dataset's verdict, the table of each direction, what each checkpoint was selected on."""
     cut = (f"; {split.num_truncated:,} captions cut to {clip_min.CONTEXT_LENGTH} tokens"
            if split.num_truncated else "")
@@ -1001,16 +950,14 @@ def print_tables(args: argparse.Namespace, dataset: data.Dataset, split: data.Ev
     print(f"{args.data} {args.split}, {len(split.image_paths):,} images{cut}:")
     for direction, rows in tables.items():
         measured = next(iter(rows.values()))  # the same queries for every run
-        relevant = "image" if direction == "t2i" else "caption"
-        skipped = (f", {measured['num_skipped']:,} without a relevant {relevant} left out"
-                   if measured["num_skipped"] else "")
-        ranking = "captions rank the images" if direction == "t2i" else "images rank the captions"
-        print(f"{DIRECTIONS[direction]} ({direction}): {measured['num_queries']:,} {ranking}"
-              f"{skipped}")
-        summary = {f"mean ± std of {len(rows)} runs": mean_and_std(list(rows.values()))} \
-            if len(rows) > 1 else {}
-        print(format_table({**rows, **summary,
-                            "chance": chance_metrics(split, direction=direction)}))
+        queries, gallery = ("captions", "images") if direction == "t2i" else ("images", "captions")
+        skipped = measured["num_skipped"]
+        left_out = f", {skipped:,} without a relevant {gallery[:-1]} left out" if skipped else ""
+        print(f"{DIRECTIONS[direction]} ({direction}): {measured['num_queries']:,} {queries} rank "
+              f"the {gallery}{left_out}")
+        if len(rows) > 1:
+            rows = {**rows, f"mean ± std of {len(rows)} runs": mean_and_std(list(rows.values()))}
+        print(format_table({**rows, "chance": chance_metrics(split, direction=direction)}))
     if len(runs) > 1:
         print(f"std: the sample standard deviation (n - 1) over the n = {len(runs)} runs")
     for source, run in runs.items():
