@@ -6,10 +6,6 @@
     python train.py                                                    # the offline demo, on a CPU
     torchrun --nproc_per_node=4 train.py --method cskt --data CUHK-PEDES   # one process per GPU
 
-`run` is the story: setup, data, model, optimizer, the loop, val, test. The helpers it names come
-after it, then the recipe (the authors' Adam and schedule), the flags and their checks, and last
-the demo's tiny CLIP, pretrained here because none can be downloaded offline.
-
 What a run promises. Every flag, the dataset and the CLIP's fit to --image-size, --stride and
 --depth are checked before any download or drawing (one line, exit status 2; bad data: one line
 naming the file and entry, exit status 1). A run folder is never overwritten. --resume continues
@@ -83,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         step_model = torch.compile(step_model)
     if rank == 0 and not args.resume:
         claim_run_folder(args)
-    journal = Journal(os.path.join(args.out, "log.jsonl") if rank == 0 else None)
+    journal = os.path.join(args.out, "log.jsonl") if rank == 0 else None
     describe_run(args, dataset, model, device, amp_dtype, world_size, len(loader), log)
     zero_shot = None
     if args.data == "demo" and rank == 0:
@@ -102,9 +98,8 @@ def run(args: argparse.Namespace) -> None:
     if args.resume:
         first_epoch, best = resume(args, model, optimizer, scheduler, scaler, backbone, journal)
         log(f"resumed from {args.resume}: continuing at epoch {first_epoch + 1}")
-    journal.write({"resumed_at_epoch": first_epoch + 1} if args.resume else
-                  {"data": args.data, "published_set": dataset.published,
-                   "verdict": dataset.verdict})
+    record(journal, {"resumed_at_epoch": first_epoch + 1} if args.resume else
+           {"data": args.data, "published_set": dataset.published, "verdict": dataset.verdict})
 
     # --- the loop ---------------------------------------------------------------------------------
     last_epoch = min(args.epochs, first_epoch + (args.stop_after or args.epochs))
@@ -138,21 +133,20 @@ def run(args: argparse.Namespace) -> None:
         # --- val: the best epoch is chosen on val (the authors chose on test) -------------------
         if rank == 0 and dataset.val is None:  # ICFG-PEDES has no val split: the last epoch is kept
             best = {"epoch": epoch, "R1": float("nan")}
-            save_checkpoint("best.pt", model, args, backbone, dataset.verdict, epoch, best)
         elif rank == 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             metrics = evaluate.evaluate_loaders(model, val_loaders, dataset.val, device, amp_dtype)
             log(f"epoch {epoch + 1} val: " + evaluate.format_metrics(metrics))
-            journal.write({"epoch": epoch + 1, "split": "val", **metrics})
+            record(journal, {"epoch": epoch + 1, "split": "val", **metrics})
             if metrics["R1"] > best["R1"]:
                 best = {"epoch": epoch, "R1": metrics["R1"]}
-                save_checkpoint("best.pt", model, args, backbone, dataset.verdict, epoch, best)
+        if best["epoch"] == epoch:  # a new best, in rank 0
+            save_checkpoint("best.pt", model, args, backbone, dataset.verdict, epoch, best)
         save_last(args, model, backbone, dataset.verdict, epoch, best, optimizer, scheduler,
                   scaler, journal, waiting)
 
     # --- test: the test split, once, with the best checkpoint -------------------------------------
     if last_epoch < args.epochs:
-        log(f"stopped after epoch {last_epoch} as asked; continue with --resume "
-            f"{args.out}/last.pt")
+        log(f"stopped after epoch {last_epoch} as asked; continue with --resume {args.out}/last.pt")
     elif rank == 0:
         test(args, model, test_loaders, dataset, device, amp_dtype, journal, zero_shot, log)
     if world_size > 1:
@@ -233,11 +227,10 @@ def start_processes(device: torch.device) -> dist.ProcessGroup:
 
 
 def once_per_machine(make, group=None):
-    """make() in global rank 0 while every other process waits; then in the first process of each
-    other machine (LOCAL_RANK 0); then in the rest, which find what was made (a download, a demo
-    set, a pretrained CLIP) instead of writing the same files at once. On a file system that the
-    machines share the later turns find rank 0's files; on a machine's own disk, its first
-    process makes them. Its result, in every process; `group` is the one waited on."""
+    """make() in global rank 0 while every other process waits on `group`; then in the first
+    process of each other machine (LOCAL_RANK 0); then in the rest, which find what was made (a
+    download, a demo set, a pretrained CLIP) rather than write the same files at once: rank 0's on
+    a file system the machines share, else their first process's. Returns make()'s result."""
     if not dist.is_initialized():
         return make()
     turn = 0 if dist.get_rank() == 0 else 1 if local_process()[0] == 0 else 2
@@ -249,8 +242,7 @@ def once_per_machine(make, group=None):
 
 
 def clip_file(args: argparse.Namespace, device: torch.device, log) -> str:
-    """--clip or its default, with its file in place: a release downloaded, or the demo's tiny
-    CLIP pretrained."""
+    """--clip or its default, in place: a release downloaded, or the demo's tiny CLIP pretrained."""
     if args.clip is None and args.data == "demo":
         return demo_clip(args.root, args.seed, device, log)
     clip = args.clip or "ViT-B/16"
@@ -265,18 +257,16 @@ def method_args(args: argparse.Namespace) -> dict:
 
 
 def describe_backbone(method: str, clip_name: str, clip_model: clip_min.CLIP) -> dict:
-    """How a checkpoint gets its frozen CLIP back: a release by name (hash-checked on use), else
-    the weights themselves (the file may not be there where the checkpoint is read); a fine-tuned
-    CLIP needs neither. The file's SHA-256 lets a resume check that it starts from the same CLIP."""
+    """How a checkpoint gets its frozen CLIP back: a release by name, else the weights (the file
+    may be gone where the checkpoint is read). The SHA-256 lets --resume check it is the same."""
     release = clip_min.RELEASES.get(clip_name)
     sha256 = release[0] if release else clip_min.file_sha256(clip_name)
     config = clip_model.config
     backbone = {"name": clip_name, "sha256": sha256, "image_size": list(config.image_size),
                 "stride": config.stride}
-    if method == "finetune" or release:
-        return backbone
-    weights = {name: value.detach().cpu() for name, value in clip_model.state_dict().items()}
-    return {**backbone, "state_dict": weights}
+    if method != "finetune" and not release:
+        backbone["state_dict"] = {k: v.detach().cpu() for k, v in clip_model.state_dict().items()}
+    return backbone
 
 
 def claim_run_folder(args: argparse.Namespace) -> None:
@@ -288,25 +278,15 @@ def claim_run_folder(args: argparse.Namespace) -> None:
         json.dump(vars(args), file, indent=2)
 
 
-class Journal:
-    """log.jsonl: a JSON line per event, appended at once (rank 0's; other processes pass None)."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-
-    def write(self, entry: dict) -> None:
-        if self.path:
-            with open(self.path, "a") as file:
-                file.write(json.dumps(entry) + "\n")
-
-    def size(self) -> int:
-        return os.path.getsize(self.path) if self.path and os.path.exists(self.path) else 0
+def record(journal: str | None, entry: dict) -> None:
+    """Appends `entry` to log.jsonl at once, as a JSON line (rank 0's; the others pass None)."""
+    if journal:
+        with open(journal, "a") as file:
+            file.write(json.dumps(entry) + "\n")
 
 
 def describe_run(args, dataset, model, device, amp_dtype, world_size, steps, log) -> None:
-    """What the run trains on and with, before the first step."""
-    for line in [*dataset.report, dataset.verdict]:  # oddities read as the authors read them
-        log(line)
+    log("\n".join([*dataset.report, dataset.verdict]))  # oddities read as the authors read them
     for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if split is not None and split.num_truncated:
             log(f"{args.data} {name}: {split.num_truncated:,} of {len(split.captions):,} "
@@ -329,8 +309,7 @@ def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(name: str, model: torch.nn.Module, args: argparse.Namespace, backbone: dict,
                     verdict: str, epoch: int, best: dict, **resume_state) -> None:
-    """<out>/<name>: what evaluate.py needs (best.pt), or with resume_state all that --resume
-    does (last.pt). Atomic: a save that fails leaves the previous file, and says so."""
+    """<out>/<name>: for evaluate.py (best.pt), or with resume_state for --resume (last.pt)."""
     path = os.path.join(args.out, name)
     fields = dict(method=args.method, method_args=method_args(args), data=args.data,
                   args=vars(args), clip=backbone, epoch=epoch, best=best, dataset_check=verdict,
@@ -354,7 +333,8 @@ def save_last(args, model, backbone, verdict, epoch, best, optimizer, scheduler,
     if not waiting or dist.get_rank() == 0:
         save_checkpoint("last.pt", model, args, backbone, verdict, epoch, best,
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), rng=rng_states, log_size=journal.size())
+                        scaler=scaler.state_dict(), rng=rng_states,
+                        log_size=os.path.getsize(journal))
     if waiting:
         dist.barrier(group=waiting)
 
@@ -377,8 +357,8 @@ def resume(args, model, optimizer, scheduler, scaler, backbone, journal) -> tupl
         scaler.load_state_dict(checkpoint["scaler"])
     # Augmentation and masking draw from torch's CPU generator, each process from its own.
     torch.set_rng_state(checkpoint["rng"][int(os.environ.get("RANK", 0))])
-    if journal.path:  # forget what the run logged after this checkpoint, and a save cut short
-        os.truncate(journal.path, checkpoint["log_size"])
+    if journal:  # forget what the run logged after this checkpoint, and a save cut short
+        os.truncate(journal, checkpoint["log_size"])
         for name in os.listdir(args.out):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(args.out, name))
@@ -390,9 +370,9 @@ class Progress:
     log.jsonl entry of their means: the loop's one host sync. A NaN or infinite loss stops."""
 
     def __init__(self, args, steps_per_epoch, first_epoch, last_epoch, journal, log):
-        self.args, self.steps_per_epoch, self.journal, self.log = args, steps_per_epoch, journal, \
-            log
-        self.epochs_to_run, self.first_epoch = last_epoch - first_epoch, first_epoch
+        self.args, self.journal, self.log = args, journal, log
+        self.steps_per_epoch, self.first_epoch = steps_per_epoch, first_epoch
+        self.epochs_to_run = last_epoch - first_epoch
         self.started = time.time()
         self.reset()
 
@@ -415,19 +395,19 @@ class Progress:
         self.log(f"epoch {epoch + 1}/{self.args.epochs}  step {step}/{self.steps_per_epoch}  "
                  + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lr {lr:.2e}  "
                  f"{pairs_per_s:,.0f} pairs/s  ETA {datetime.timedelta(seconds=eta)}")
-        self.journal.write({"epoch": epoch + 1, "step": step, **means, "lr": lr,
-                            "pairs_per_s": pairs_per_s})
+        record(self.journal, {"epoch": epoch + 1, "step": step, **means, "lr": lr,
+                              "pairs_per_s": pairs_per_s})
         self.reset()
 
 
 def test(args, model, loaders, dataset, device, amp_dtype, journal, zero_shot, log) -> None:
-    """The test split, once, with the best checkpoint: the log line, test_metrics.json (with what
-    the checkpoint was selected on and whether the data is the published set); the demo's table."""
+    """best.pt's test metrics, logged and in test_metrics.json with what it was selected on and
+    whether the data is the published set; the demo's table."""
     best = evaluate.read_checkpoint(os.path.join(args.out, "best.pt"))
     evaluate.load_trained(model, best["trainable"], "best.pt")
     results = evaluate.evaluate_loaders(model, loaders, dataset.test, device, amp_dtype)
     log(f"test (epoch {best['epoch'] + 1}): " + evaluate.format_metrics(results))
-    journal.write({"epoch": best["epoch"] + 1, "split": "test", **results})
+    record(journal, {"epoch": best["epoch"] + 1, "split": "test", **results})
     with open(os.path.join(args.out, "test_metrics.json"), "w") as file:
         json.dump({"epoch": best["epoch"] + 1, **evaluate.selection_record(best),
                    "published_set": dataset.published, **results}, file, indent=2)
@@ -438,7 +418,6 @@ def test(args, model, loaders, dataset, device, amp_dtype, journal, zero_shot, l
 
 
 def demo_zero_shot(args, clip_model, loaders, split, device, amp_dtype, log) -> dict:
-    """The demo's baseline to beat: the frozen CLIP, zero-shot, on the demo test split."""
     log("demo 2/3: the frozen CLIP's zero-shot result on the demo test split, the baseline to "
         "beat (the demo set shows colours, a pattern and wording the pretraining never did)")
     zero_shot = evaluate.evaluate_loaders(clip_model, loaders, split, device, amp_dtype)
@@ -513,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = data.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  argument_default=argparse.SUPPRESS)
     add, number = parser.add_argument, data.number
+    positive = number(int, minimum=1)
+    non_negative = number(float, minimum=0)
+    switch = argparse.BooleanOptionalAction
     add("--method", default="cskt", choices=evaluate.METHODS,
         help="CSKT or DM-Adapter on a frozen CLIP, or every CLIP weight (IRRA's baseline)")
     add("--data", default="demo", choices=[*data.DATASETS],
@@ -524,49 +506,39 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", help="a new run folder [runs/<data>-<method>-<time>-<pid>]")
     recipe = parser.add_argument_group("recipe (the authors' run scripts'; the demo has its own, "
                                        "see --data)").add_argument
-    recipe("--epochs", type=number(int, minimum=1), default=60, help="passes over the pairs")
-    recipe("--batch-size", type=number(int, minimum=1), default=128,
+    recipe("--epochs", type=positive, default=60, help="passes over the pairs")
+    recipe("--batch-size", type=positive, default=128,
            help="global batch, split evenly across torchrun's processes")
     recipe("--lr", type=number(float, above=0), help="learning rate [3e-4; finetune 1e-5]")
-    recipe("--bias-lr-factor", type=number(float, minimum=0), default=2.0,
-           help="biases train at lr times this")
-    recipe("--weight-decay", type=number(float, minimum=0), default=4e-5,
-           help="L2 on non-bias weights (Adam's)")
+    recipe("--bias-lr-factor", type=non_negative, default=2.0, help="biases train at lr x this")
+    recipe("--weight-decay", type=non_negative, default=4e-5, help="Adam's L2 on non-bias weights")
     recipe("--betas", type=number(float, minimum=0, below=1), nargs=2, default=(0.9, 0.999),
            help="Adam's moment decay rates")
     recipe("--eps", type=number(float, above=0), default=1e-3, help="Adam's epsilon (large)")
     recipe("--warmup-epochs", type=number(int, minimum=0), default=5,
            help="epochs of linear warm-up before the cosine")
-    recipe("--warmup-factor", type=number(float, minimum=0), default=0.1,
-           help="lr factor at the first epoch")
-    recipe("--image-size", type=number(int, minimum=1), nargs=2, default=(384, 128),
+    recipe("--warmup-factor", type=non_negative, default=0.1, help="lr factor at the first epoch")
+    recipe("--image-size", type=positive, nargs=2, default=(384, 128),
            metavar=("H", "W"), help="input size; CLIP's position grid is resized to fit")
-    recipe("--stride", type=number(int, minimum=1), default=16, help="patch convolution stride")
-    recipe("--augment", action=argparse.BooleanOptionalAction, default=True,
+    recipe("--stride", type=positive, default=16, help="patch convolution stride")
+    recipe("--augment", action=switch, default=True,
            help="flip, pad-and-crop and random erasing of training images")
-    recipe("--mask-captions", action=argparse.BooleanOptionalAction,
+    recipe("--mask-captions", action=switch,
            help="caption masking augmentation [on for dm_adapter, off otherwise]")
     recipe("--temperature", type=number(float, above=0), default=0.02, help="SDM's (fixed)")
     recipe("--seed", type=number(int, minimum=0), default=1,
            help="seeds the model's initialisation and the data order")
-    cskt_defaults, dm_defaults = METHOD_DEFAULTS["cskt"], METHOD_DEFAULTS["dm_adapter"]
     method = parser.add_argument_group("method (the paper's value in brackets)").add_argument
-    method("--n-ctx", type=number(int, minimum=1),
-           help=f"CSKT: prompt tokens per tower and layer [{cskt_defaults['n_ctx']}]")
-    method("--depth", type=number(int, minimum=1),
-           help=f"CSKT: layers that get prompts [{cskt_defaults['depth']}]")
-    method("--reduction", type=number(int, minimum=1),
-           help=f"adapter bottleneck: width / reduction [{cskt_defaults['reduction']}]")
-    method("--vision-scale", type=number(float),
-           help=f"adapter output scale, image tower [{cskt_defaults['vision_scale']}]")
-    method("--text-scale", type=number(float),
-           help=f"adapter output scale, text tower [{cskt_defaults['text_scale']}]")
-    method("--num-experts", type=number(int, minimum=1),
-           help=f"DM-Adapter: experts per block [{dm_defaults['num_experts']}]")
-    method("--top-k", type=number(int, minimum=1),
-           help=f"DM-Adapter: experts per token [{dm_defaults['top_k']}]")
-    method("--aux-weight", type=number(float, minimum=0),
-           help=f"DM-Adapter: load-balancing weight [{dm_defaults['aux_weight']}]")
+    paper_values = {**METHOD_DEFAULTS["cskt"], **METHOD_DEFAULTS["dm_adapter"]}
+    for name, kind, text in [("n_ctx", positive, "CSKT: prompt tokens per tower and layer"),
+                             ("depth", positive, "CSKT: layers that get prompts"),
+                             ("reduction", positive, "adapter bottleneck: width / reduction"),
+                             ("vision_scale", number(float), "adapter output scale, image tower"),
+                             ("text_scale", number(float), "adapter output scale, text tower"),
+                             ("num_experts", positive, "DM-Adapter: experts per block"),
+                             ("top_k", positive, "DM-Adapter: experts per token"),
+                             ("aux_weight", non_negative, "DM-Adapter: load-balancing weight")]:
+        method("--" + name.replace("_", "-"), type=kind, help=f"{text} [{paper_values[name]}]")
     running = parser.add_argument_group("running (may change on --resume)").add_argument
     running("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     running("--precision", default="auto", choices=["auto", *evaluate.PRECISIONS],
@@ -574,25 +546,21 @@ def build_parser() -> argparse.ArgumentParser:
             "scaler; fp32 on the CPU")
     running("--workers", type=number(int, minimum=0), default=min(8, os.cpu_count() or 1),
             help="data loader processes")
-    running("--eval-every", type=number(int, minimum=1), default=1,
-            help="evaluate on val every this many epochs")
-    running("--log-every", type=number(int, minimum=1), default=50,
-            help="a progress line every this many steps")
-    running("--compile", action=argparse.BooleanOptionalAction, default=False,
-            help="torch.compile the model (GPUs)")
-    running("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+    running("--eval-every", type=positive, default=1, help="evaluate on val every this many epochs")
+    running("--log-every", type=positive, default=50, help="a progress line every this many steps")
+    running("--compile", action=switch, default=False, help="torch.compile the model (GPUs)")
+    running("--grad-checkpointing", action=switch, default=False,
             help="activation checkpointing: the backward pass recomputes each block instead of "
             "keeping its activations; a fraction of the memory, the same loss and gradients")
     running("--resume", help="a last.pt to continue from, exactly where it stopped")
-    running("--stop-after", type=number(int, minimum=1), metavar="N",
+    running("--stop-after", type=positive, metavar="N",
             help="stop after N epochs of this invocation (for time-limited jobs; then --resume)")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, every one checked before any work; a bad one is the parser's one-line error
-    (exit status 2). With --resume the run's own flags come from its checkpoint: a flag given
-    again must agree with it, and only the running flags may change. Nothing is written here."""
+    """The flags, each checked before any work (nothing is written here); with --resume, the run's
+    own from its last.pt, where a flag given again must agree and only RUNNING_FLAGS may change."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)  # --help, --resume, --data and --method
     parser.set_defaults(clip=None, out=None, resume=None, stop_after=None)
@@ -672,10 +640,9 @@ def check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      f"{patch} + {args.stride}*k")
     grid = clip_min.patch_grid(args.image_size, patch, args.stride)
     if bound is not None and math.prod(grid) != bound:
-        made_for = (f"the demo's CLIP is made for --image-size {DEMO_CLIP.image_size[0]} "
-                    f"{DEMO_CLIP.image_size[1]} --stride {DEMO_CLIP.stride}" if args.clip is None
-                    else f"it holds {bound} patches; use the image size and stride it was saved "
-                    "with")
+        demo_fit = as_flags({"image_size": DEMO_CLIP.image_size, "stride": DEMO_CLIP.stride})
+        made_for = (f"the demo's CLIP is made for {demo_fit}" if args.clip is None else
+                    f"it holds {bound} patches; use the image size and stride it was saved with")
         parser.error(f"argument --image-size: {height}x{width} at stride {args.stride} gives a "
                      f"{grid[0]}x{grid[1]} patch grid, and this CLIP's position embedding is not "
                      f"square, so it cannot be resized: {made_for}")
@@ -690,8 +657,8 @@ def clip_shape(clip: str | None, data_name: str) -> tuple[int, int, int | None] 
     release name, or a file's tensors. None for a file that cannot be read."""
     if clip is None and data_name == "demo":
         grid = clip_min.patch_grid(DEMO_CLIP.image_size, DEMO_CLIP.patch_size, DEMO_CLIP.stride)
-        return DEMO_CLIP.patch_size, min(DEMO_CLIP.vision_layers, DEMO_CLIP.text_layers), \
-            math.prod(grid)
+        layers = min(DEMO_CLIP.vision_layers, DEMO_CLIP.text_layers)
+        return DEMO_CLIP.patch_size, layers, math.prod(grid)
     clip = clip or "ViT-B/16"
     if clip in clip_min.RELEASES:  # "ViT-L/14@336px": patch 14; every release has 12 text layers
         return int(clip.split("/")[1].split("@")[0]), 12, None
@@ -708,10 +675,9 @@ def clip_shape(clip: str | None, data_name: str) -> tuple[int, int, int | None] 
 # ------------------------------------------------------------------------------------------------
 # The demo's CLIP: pretrained here from random weights, because none can be downloaded offline
 # ------------------------------------------------------------------------------------------------
-# A tiny CLIP learns the synthetic "demo-pretrain" corpus as OpenAI's CLIP learned the web: every
-# weight trained with symmetric InfoNCE over each batch and a learned temperature. SDM at the
-# methods' fixed temperature is too sharp from random weights: the gradient that lifts the right
-# pair is proportional to its probability, tiny while the features are random, and training sits
+# With OpenAI's loss (symmetric InfoNCE over each batch, a learned temperature), not SDM: at the
+# methods' fixed temperature SDM is too sharp from random weights (the gradient that lifts the right
+# pair is proportional to its probability, tiny while the features are random), and training sits
 # on a plateau for a number of epochs that depends on the seed.
 
 DEMO_CLIP = clip_min.CLIPConfig(embed_dim=64, image_size=(64, 32), patch_size=8, stride=8,
