@@ -355,8 +355,10 @@ def resume(args, model, optimizer, scheduler, scaler, backbone, journal) -> tupl
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run had no scaler
         scaler.load_state_dict(checkpoint["scaler"])
-    # Augmentation and masking draw from torch's CPU generator, each process from its own.
-    torch.set_rng_state(checkpoint["rng"][int(os.environ.get("RANK", 0))])
+    # Augmentation and masking draw from torch's CPU generator, each process from its own (a
+    # last.pt written before processes saved their own holds one state, a tensor).
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng[int(os.environ.get("RANK", 0))] if isinstance(rng, list) else rng)
     if journal:  # forget what the run logged after this checkpoint, and a save cut short
         os.truncate(journal, checkpoint["log_size"])
         for name in os.listdir(args.out):
