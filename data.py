@@ -1,5 +1,6 @@
 """Data for text-based person retrieval (TPR): one training sample, the readers of the three
-benchmark datasets, the loaders, the checks of a copy on disk, and two synthetic demo sets.
+benchmark datasets, the loaders, the checks of a copy on disk, the flag conventions of the three
+scripts, and two synthetic demo sets.
 
 The pipeline is IRRA's (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for
 Text-to-Image Person Retrieval", CVPR 2023, arXiv 2303.12501), which CSKT and DM-Adapter reuse:
