@@ -296,7 +296,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """{row name: metrics} -> a Markdown table; a (mean, std) of mean_and_std shows "mean ± std"."""
+    """{row name: metrics} -> a Markdown table; a (mean, std) pair shows as "mean ± std"."""
     def cell(value) -> str:
         return f"{value[0]:.2f} ± {value[1]:.2f}" if isinstance(value, tuple) else f"{value:6.2f}"
     table = [["", *(f"{name:>6}" for name in METRIC_NAMES)],
