@@ -386,7 +386,8 @@ class Progress:
         self.steps += 1
         if step % self.args.log_every and step != self.steps_per_epoch:
             return
-        means = {name: (total / self.steps).item() for name, total in self.sums.items()}
+        totals = torch.stack(list(self.sums.values())) / self.steps  # one copy to the host
+        means = dict(zip(self.sums, totals.tolist()))
         if not math.isfinite(means["loss"]):
             raise TrainingError(f"the loss became NaN or infinite in epoch {epoch + 1} (before "
                                 f"step {step}); stopped, {self.args.out}/last.pt holds the last "
